@@ -1,0 +1,110 @@
+// test_model.cpp: model.h, the named configs, the tensor table and the learning-rate schedule.
+// Expected counts are SPEC section 2's published numbers, not values computed by model.h.
+#include <cmath>
+#include <set>
+#include "model.h"
+#include "test/test_util.h"
+
+// Millions rounded to two decimals, as SPEC section 2 prints them.
+static double millions(size_t n) { return std::round(n / 1e4) / 100.0; }
+
+TEST_CASE("model: parameter counts of the block configs match SPEC 2.2") {
+    struct Expected { const char* name; double non_embedding, used, stored; };
+    for (Expected e : {Expected{"block_main_b4_5", 4.87, 33.85, 46.72}, Expected{"block_main_b4_19", 19.44, 77.39, 103.15},
+                       Expected{"block_main_b4_85", 86.24, 173.16, 211.80}, Expected{"block_main_b4_300", 304.41, 420.31, 471.82},
+                       Expected{"block_main_b4_800", 814.13, 1045.93, 1148.96}, Expected{"block_main_b4_1.2b", 1217.00, 1448.80, 1551.82}}) {
+        CAPTURE(e.name);
+        ParamCounts n = count_params(build_tensor_table(config_by_name(e.name)));
+        CHECK(millions(n.non_embedding) == doctest::Approx(e.non_embedding));
+        CHECK(millions(n.used) == doctest::Approx(e.used));
+        CHECK(millions(n.stored) == doctest::Approx(e.stored));
+    }
+}
+
+TEST_CASE("model: parameter counts of the vanilla configs match SPEC 2.4") {
+    struct Expected { const char* name; double non_embedding, total; };
+    for (Expected e : {Expected{"vanilla_31", 14.19, 39.95}, Expected{"vanilla_70", 18.92, 70.43},
+                       Expected{"vanilla_160", 85.06, 162.32}, Expected{"vanilla_410", 302.31, 405.33}}) {
+        CAPTURE(e.name);
+        ParamCounts n = count_params(build_tensor_table(config_by_name(e.name)));
+        CHECK(millions(n.non_embedding) == doctest::Approx(e.non_embedding));
+        CHECK(millions(n.used) == doctest::Approx(e.total));
+        CHECK(n.stored == n.used);
+    }
+}
+
+TEST_CASE("model: block_main_b4_1.2b checkpoint has SPEC 6.1's 298 tensors and 1,551,822,848 values") {
+    TensorTable table = build_tensor_table(config_by_name("block_main_b4_1.2b"));
+    CHECK(table.tensors.size() == 298);
+    CHECK(table.num_params == 1551822848ull);
+    CHECK(table.get("token_decoder.expansion_layer.weight").shape == std::vector<size_t>{4096, 2048, 1});
+    CHECK(table.get("embedder.embeddings.weight").shape == std::vector<size_t>{50304, 512});
+    CHECK(table.get("block_decoder.gpt_neox.layers.11.attention.query_key_value.weight").shape == std::vector<size_t>{6144, 2048});
+    CHECK(table.get("token_decoder.gpt_neox.layers.3.mlp.dense_4h_to_h.weight").shape == std::vector<size_t>{2048, 8192});
+    CHECK(table.find("block_decoder.embed_out.weight") == nullptr);   // the block decoder has no LM head
+}
+
+TEST_CASE("model: head counts follow the autofill rule of SPEC 2.1/2.2") {
+    // (config, block-decoder heads, head size, rotary dims) from the SPEC 2.2 table.
+    struct Expected { const char* name; int heads, HS, rot; };
+    for (Expected e : {Expected{"block_main_b4_5", 8, 32, 8}, Expected{"block_main_b4_19", 8, 64, 16},
+                       Expected{"block_main_b4_85", 12, 64, 16}, Expected{"block_main_b4_300", 16, 64, 16},
+                       Expected{"block_main_b4_800", 16, 128, 32}, Expected{"block_main_b4_1.2b", 16, 128, 32}}) {
+        CAPTURE(e.name);
+        ModelConfig c = config_by_name(e.name);
+        CHECK(c.block_decoder.NH == e.heads);
+        CHECK(c.block_decoder.HS() == e.HS);
+        CHECK(c.block_decoder.rotary_dims() == e.rot);
+        CHECK(c.token_decoder.NH == e.heads);
+        CHECK(c.block_decoder.I == 4 * c.block_decoder.C);
+    }
+    CHECK(config_by_name("vanilla_31").token_decoder.I == 4096);   // not autofilled (SPEC 2.4)
+}
+
+TEST_CASE("model: the tensor table lays out one contiguous buffer, trainable tensors first") {
+    for (const char* name : {"tiny_block", "tiny_vanilla", "block_main_b4_85", "vanilla_160"}) {
+        CAPTURE(name);
+        TensorTable table = build_tensor_table(config_by_name(name));
+        size_t expected_offset = 0;
+        bool seen_frozen = false;
+        std::set<std::string> names;
+        for (const ParamTensor& t : table.tensors) {
+            CHECK(t.offset == expected_offset);
+            expected_offset += t.numel;
+            CHECK(names.insert(t.name).second);                        // unique checkpoint keys
+            if (!t.trainable) seen_frozen = true;
+            else CHECK_FALSE(seen_frozen);                              // no trainable tensor after a frozen one
+            CHECK(t.decay);                                             // SPEC 3.3: decay on every parameter
+            CHECK(t.bf16_tolerance >= 1e-3f);
+            CHECK(t.bf16_tolerance <= 1e-2f);
+        }
+        CHECK(expected_offset == table.num_params);
+    }
+    TensorTable block = build_tensor_table(config_by_name("tiny_block"));
+    CHECK_FALSE(block.get("block_decoder.gpt_neox.embed_in.weight").trainable);
+    CHECK(block.num_trainable == block.num_params - 96 * 48);
+}
+
+TEST_CASE("model: config errors name the problem") {
+    CHECK_THROWS_WITH_AS(config_by_name("block_main_b4_86"), doctest::Contains("unknown config 'block_main_b4_86'"), std::runtime_error);
+    ModelConfig c = config_by_name("tiny_block");
+    c.T = 30;
+    CHECK_THROWS_WITH_AS(validate_config(c), doctest::Contains("not a multiple of the block length"), std::runtime_error);
+    c = config_by_name("tiny_block");
+    c.token_decoder.NH = 3;
+    CHECK_THROWS_WITH_AS(validate_config(c), doctest::Contains("not divisible by 3 heads"), std::runtime_error);
+    c = config_by_name("tiny_block");
+    c.DE = 10;
+    CHECK_THROWS_WITH_AS(validate_config(c), doctest::Contains("block length * embedder width"), std::runtime_error);
+}
+
+TEST_CASE("model: learning-rate schedule, warmup then cosine to 10% (SPEC 3.4)") {
+    // peak 1e-3, 10 warmup updates, 110 updates in all: the cosine runs over 100 updates.
+    CHECK(learning_rate(0, 1e-3f, 10, 110) == doctest::Approx(1e-4));
+    CHECK(learning_rate(4, 1e-3f, 10, 110) == doctest::Approx(5e-4));
+    CHECK(learning_rate(9, 1e-3f, 10, 110) == doctest::Approx(1e-3));
+    CHECK(learning_rate(10, 1e-3f, 10, 110) == doctest::Approx(1e-3 * (0.1 + 0.45 * (1 + std::cos(M_PI / 100)))));
+    CHECK(learning_rate(59, 1e-3f, 10, 110) == doctest::Approx(5.5e-4));   // halfway: 0.1 + 0.9 * 0.5
+    CHECK(learning_rate(109, 1e-3f, 10, 110) == doctest::Approx(1e-4));    // last update at 10% of peak
+    CHECK(learning_rate(500, 1e-3f, 10, 110) == doctest::Approx(1e-4));    // stays there past the end
+}
