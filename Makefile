@@ -1,6 +1,8 @@
 # blocktf build.
 #   make            builds ./train, ./infer, ./prepare and the test binary ./test_blocktf
 #   make test       builds and runs every test (GPU cases report "skipped" on a machine without a GPU)
+#   make train      builds and runs the main training job (TRAIN_ARGS) on one GPU
+#   make infer      builds and samples from the checkpoint that `make train` wrote (INFER_ARGS)
 #   make clean
 # Knobs (pinned defaults, printed at the start of every build, overridable on the command line):
 #   GPU_ARCH   compute capability to compile for: 90 = Hopper (H100/H200). No autodetection: a silent
@@ -31,20 +33,32 @@ $(shell mkdir -p $(BUILD)/test && echo '$(NVCC) $(NVCC_FLAGS) $(LIBS)' | cmp -s 
         || echo '$(NVCC) $(NVCC_FLAGS) $(LIBS)' > $(FLAGS_STAMP))
 
 PROGRAMS   := train infer prepare
+# `make train` and `make infer` run the programs, so their binaries are built under build/bin/ and
+# ./train, ./infer are symlinks to them.
+BIN        := $(BUILD)/bin
+TRAIN_ARGS ?= --config block_main_b4_5 --data $(DATA_DIR)/idxmap/shipped_corpus_text_document --out out/block_main_b4_5
+INFER_ARGS ?= --checkpoint out/block_main_b4_5 --prompt "It was a dark and stormy night"
+
 TEST_SRCS  := $(wildcard test/*.cpp test/*.cu)
 TEST_OBJS  := $(patsubst %,$(BUILD)/%.o,$(TEST_SRCS))
 
-.PHONY: all test clean
-all: $(PROGRAMS) test_blocktf
+.PHONY: all test clean train infer
+.SECONDARY:   # keep the objects of every program between builds
+all: $(BIN)/train $(BIN)/infer prepare test_blocktf
 
 $(BUILD)/%.o: % $(FLAGS_STAMP)
 	@mkdir -p $(dir $@)
 	$(NVCC) $(NVCC_FLAGS) -MMD -MP -c $< -o $@
 
-train: $(BUILD)/train.cu.o
+$(BIN)/%: $(BUILD)/%.cu.o
+	@mkdir -p $(BIN)
 	$(NVCC) $(NVCC_FLAGS) $^ -o $@ $(LIBS)
-infer: $(BUILD)/infer.cu.o
-	$(NVCC) $(NVCC_FLAGS) $^ -o $@ $(LIBS)
+	ln -sf $@ $*
+
+train: $(BIN)/train
+	./train $(TRAIN_ARGS)
+infer: $(BIN)/infer
+	./infer $(INFER_ARGS)
 prepare: $(BUILD)/prepare.cpp.o
 	$(NVCC) $(NVCC_FLAGS) $^ -o $@
 test_blocktf: $(TEST_OBJS)
