@@ -24,7 +24,6 @@
 #include <cstdio>
 #include <cstring>
 #include <fstream>
-#include <queue>
 #include <sstream>
 #include <stdexcept>
 #include <string>
@@ -528,6 +527,7 @@ struct BpeScratch {
 // pairs; a candidate whose pair has changed since it was pushed is stale and skipped. O(n log n) per word.
 inline void bpe_word(std::string_view word, const int32_t* byte_ids, const MergeTable& merges, BpeScratch& scratch,
                      std::vector<uint32_t>& out) {
+    if (word.size() > size_t(INT32_MAX)) throw std::runtime_error("BPE: a single pre-token of 2 GiB or more");
     auto& symbols = scratch.symbols;
     auto& heap = scratch.heap;
     symbols.clear();
@@ -571,7 +571,8 @@ inline void bpe_word(std::string_view word, const int32_t* byte_ids, const Merge
 }
 
 // A cache of word -> ids, so a word seen before skips BPE. Keys and ids live in two arenas; the hash table holds
-// offsets into them. It is cleared when it reaches its budget, which bounds memory on endless input.
+// offsets into them (32-bit, which the arena budget keeps in range). It is cleared when it reaches its budget,
+// which bounds memory on endless input.
 class WordCache {
 public:
     static constexpr size_t kMaxWordBytes = 256;        // longer words are rare and not worth storing
@@ -771,8 +772,8 @@ public:
             const uint32_t id = ids[i];
             if (id >= kinds_.size() || kinds_[id] == Kind::Missing)
                 throw std::runtime_error("decode: id " + std::to_string(id) + " (at position " + std::to_string(i) +
-                                         ") is not a token of this tokenizer (ids 0.." +
-                                         std::to_string(kinds_.size() - 1) + ")");
+                                         ") is not a token of this tokenizer (it has " +
+                                         std::to_string(kinds_.size()) + " ids)");
             if (skip_special && kinds_[id] == Kind::Special) continue;
             bytes += decoded_[id];
         }

@@ -341,7 +341,7 @@ TEST_CASE("tokenizer: decode") {
     REQUIRE(emoji.size() > 1);
     CHECK(tok.decode(emoji) == "\U0001F917");
     CHECK(tok.decode(std::vector<uint32_t>(emoji.begin(), emoji.end() - 1)) == "\xEF\xBF\xBD");
-    CHECK_THROWS_WITH_AS(tok.decode({5, 50277}), doctest::Contains("id 50277 (at position 1) is not a token"),
+    CHECK_THROWS_WITH_AS(tok.decode({5, 50277}), doctest::Contains("id 50277 (at position 1) is not a token of this tokenizer (it has 50277 ids)"),
                          std::runtime_error);
 }
 
