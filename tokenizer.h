@@ -1,8 +1,14 @@
 // tokenizer.h: the Pythia (GPT-NeoX-20B) tokenizer, reproducing exactly what Hugging Face `tokenizers` does with
 // its tokenizer.json (shared/data/README.md section 1). Header-only C++17, host code, no dependencies beyond
 // loader.h (JSON) and the generated unicode_tables.h.
-// defines: utf8_* helpers, char_class, normalize_nfc, split_gpt2, byte_to_unicode_table, AddedTokenMatcher,
-//          MergeTable, WordCache, Tokenizer (load, encode, decode)
+// defines: utf8_check, utf8_find_invalid, utf8_lossy, utf8_next, utf8_append  (section 1)
+//          char_class_at, combining_class, nfc_quick             (section 2)
+//          normalize_nfc                                         (section 3)
+//          split_gpt2                                            (section 4)
+//          kByteAlphabet, byte_level_to_bytes                    (section 5)
+//          AddedTokenMatcher                                     (section 6)
+//          MergeTable, bpe_word, WordCache                       (section 7)
+//          Tokenizer: from_file, from_json, encode, decode       (sections 8, 9)
 //
 // The encode pipeline, in HF's order:
 //   1. the input must be valid UTF-8 (HF only ever sees Rust strings); otherwise a runtime_error gives the offset;
@@ -11,13 +17,15 @@
 //   3. NFC-normalized (Unicode 9.0 data, as HF's normalization crate; see unicode_tables.h),
 //   4. searched for added tokens with "normalized": true (the runs of 2..24 spaces), leftmost-longest;
 //   5. split by the GPT-2 pattern  's|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+
-//      (hand-written matcher, Oniguruma semantics: first alternative that matches wins, greedy runs);
+//      (hand-written matcher, Oniguruma semantics: first alternative that matches wins, greedy runs; classes
+//      from the UCD of unicode_tables.h, 15.0, where HF's Oniguruma has 16.0: characters new in 16.0 differ);
 //   6. each piece's bytes are BPE-merged (lowest merge rank first, leftmost on ties) into vocabulary ids.
 // Byte-level: the vocabulary spells every byte as one printable character (GPT-2's bytes_to_unicode). Internally
 // we work on raw bytes and only use that alphabet to read the vocabulary and merges.
 //
-// Decode: tokens -> bytes (byte-level alphabet mapped back; added tokens as their text), then invalid UTF-8
-// is replaced by U+FFFD per maximal invalid subsequence, exactly like Rust's String::from_utf8_lossy.
+// Decode (HF's ByteLevel decoder): each token -> bytes through the byte-level alphabet, or as its own UTF-8 when it
+// has a character outside the alphabet (the space-run tokens); then each maximal invalid UTF-8 subsequence is
+// replaced by U+FFFD, exactly like Rust's String::from_utf8_lossy.
 #pragma once
 #include <algorithm>
 #include <cstdint>
@@ -62,21 +70,28 @@ inline size_t utf8_valid_length(const uint8_t* p, size_t n, size_t* invalid_leng
     return continuation + 1;
 }
 
-// Throws if text is not valid UTF-8, naming the byte offset of the first invalid sequence.
-inline void utf8_check(std::string_view text) {
+// Offset of the first invalid UTF-8 sequence in text, or std::string_view::npos when text is valid UTF-8.
+inline size_t utf8_find_invalid(std::string_view text) {
     const uint8_t* p = reinterpret_cast<const uint8_t*>(text.data());
     const size_t n = text.size();
     size_t i = 0, invalid = 0;
     while (i < n) {
         if (p[i] < 0x80) { i++; continue; }
         const size_t len = utf8_valid_length(p + i, n - i, &invalid);
-        if (len == 0) {
-            char msg[96];
-            std::snprintf(msg, sizeof(msg), "invalid UTF-8 in the input at byte %zu (byte 0x%02X)", i, p[i]);
-            throw std::runtime_error(msg);
-        }
+        if (len == 0) return i;
         i += len;
     }
+    return std::string_view::npos;
+}
+
+// Throws if text is not valid UTF-8, naming the byte offset of the first invalid sequence.
+inline void utf8_check(std::string_view text) {
+    const size_t bad = utf8_find_invalid(text);
+    if (bad == std::string_view::npos) return;
+    char msg[96];
+    std::snprintf(msg, sizeof(msg), "invalid UTF-8 in the input at byte %zu (byte 0x%02X)", bad,
+                  static_cast<uint8_t>(text[bad]));
+    throw std::runtime_error(msg);
 }
 
 // Repairs bytes into valid UTF-8: each maximal invalid subpart becomes U+FFFD (Rust's String::from_utf8_lossy).
@@ -855,6 +870,8 @@ private:
         }
         if (kinds_[id] != Kind::Missing)
             throw std::runtime_error(std::string(where) + ": id " + std::to_string(id) + " is given to two tokens");
+        if (utf8_find_invalid(token) != std::string_view::npos)
+            throw std::runtime_error(std::string(where) + ": token of id " + std::to_string(id) + " is not valid UTF-8");
         if (!token_ids_.emplace(token, id).second)
             throw std::runtime_error(std::string(where) + ": token '" + token + "' appears twice");
         kinds_[id] = kind;

@@ -396,7 +396,7 @@ void check_load_error(const std::string& json, const std::string& expected) {
         Tokenizer::from_json(json);
         FAIL("no error");
     } catch (const std::runtime_error& e) {
-        CHECK_MESSAGE(std::string(e.what()).find(expected) != std::string::npos, "message: " << e.what());
+        CHECK_MESSAGE(std::string(e.what()).find(expected) != std::string::npos, "message: " << std::string(e.what()));
     }
 }
 
@@ -423,6 +423,7 @@ TEST_CASE("tokenizer: malformed tokenizer.json gives a clear error") {
                      "'x' has id 5, but Hugging Face tokenizers gives it id 3");
     check_load_error(tiny_tokenizer_json(good_model, R"([{"id":3,"content":"x","lstrip":true}])"),
                      "added_tokens[0].lstrip = true is not supported");
+    check_load_error(tiny_tokenizer_json("{\"type\":\"BPE\",\"vocab\":{\"a\xF0\":0},\"merges\":[]}"), "UTF-8");
     std::string no_nfc = tiny_tokenizer_json(good_model);
     no_nfc.replace(no_nfc.find("\"NFC\""), 5, "\"NFKC\"");
     check_load_error(no_nfc, "normalizer type 'NFKC' is not supported");
