@@ -218,12 +218,13 @@ def stack_params(H, I, layers, V):
 
 
 def init_params(named, gen):
-    """Deliberately non-tiny init so that every term matters.  Values are rounded to float32 so that the F32
+    """Deliberately non-tiny init so that every term matters.  The LM head (embed_out) is a Linear layer and is
+    drawn like one, N(0, 1/fan_in): logits O(1), as in a trained model, so a bf16 engine can be compared too.  Values are rounded to float32 so that the F32
     model file holds exactly the weights the float64 computation used."""
     with torch.no_grad():
         for name, p in named:
             shape = p.shape
-            if name.endswith(("embeddings.weight", "embed_in.weight", "embed_out.weight", "lm_head.weight")):
+            if name.endswith(("embeddings.weight", "embed_in.weight")):
                 v = torch.randn(shape, generator=gen, dtype=DT)
             elif "layernorm" in name or "layer_norm" in name:
                 v = 0.1 * torch.randn(shape, generator=gen, dtype=DT)
