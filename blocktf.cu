@@ -5,8 +5,14 @@
 //
 // Forward, backward and AdamW kernels come with issue 5; this file holds what they stand on.
 #pragma once
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
 #include <cstdio>
+#include <map>
+#include <memory>
 #include <stdexcept>
+#include <tuple>
 #include <string>
 #include <vector>
 #include <cublasLt.h>
@@ -75,9 +81,12 @@ private:
     size_t count_ = 0;
 };
 
+
 // ----------------------------------------------------------------------------------------------------------------
-// fp32 -> floatX, round to nearest even (the rounding of __float2bfloat16_rn). in: (n) fp32   out: (n) floatX
-// One thread per element; a grid-stride loop so any n fits the grid.
+// Small helpers for kernels.
+
+__host__ __device__ inline float to_f32(float x) { return x; }
+__device__ inline float to_f32(__nv_bfloat16 x) { return __bfloat162float(x); }
 
 __device__ inline floatX to_floatX(float x) {
 #if defined(BLOCKTF_PRECISION_FP32)
@@ -87,39 +96,1108 @@ __device__ inline floatX to_floatX(float x) {
 #endif
 }
 
-__global__ void convert_to_floatX_kernel(floatX* out, const float* in, size_t n) {
-    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
-        out[i] = to_floatX(in[i]);
+__device__ inline float warp_sum(float x) {
+    for (int offset = 16; offset > 0; offset >>= 1) x += __shfl_xor_sync(0xffffffff, x, offset);
+    return x;
+}
+__device__ inline float warp_max(float x) {
+    for (int offset = 16; offset > 0; offset >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffff, x, offset));
+    return x;
 }
 
+// Sum over a thread block in a fixed order (warps, then warp 0 over the warp results): deterministic.
+// Every thread gets the result. shared: at least 32 floats.
+__device__ inline float block_sum(float x, float* shared) {
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
+    x = warp_sum(x);
+    __syncthreads();   // shared may still be read from a previous call
+    if (lane == 0) shared[warp] = x;
+    __syncthreads();
+    x = lane < warps ? shared[lane] : 0.0f;
+    return warp_sum(x);
+}
+__device__ inline float block_max(float x, float* shared) {
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
+    x = warp_max(x);
+    __syncthreads();
+    if (lane == 0) shared[warp] = x;
+    __syncthreads();
+    x = lane < warps ? shared[lane] : -INFINITY;
+    return warp_max(x);
+}
+
+// Grid for one thread per element with a grid-stride loop (any n fits).
+inline int grid_for(size_t n, int block_size) {
+    return (int)std::max<size_t>(1, std::min<size_t>((n + block_size - 1) / block_size, 65536));
+}
+// Blocks for a kernel with one warp per row (8 warps a block); no cap: gridDim.x goes to 2^31-1.
+inline unsigned warp_rows_grid(size_t rows) { return (unsigned)((rows + 7) / 8); }
+#define GRID_STRIDE_LOOP(i, n) \
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < (n); i += (size_t)gridDim.x * blockDim.x)
+
+// ----------------------------------------------------------------------------------------------------------------
+// Elementwise kernels. Shapes are flat (n) unless stated.
+
+// fp32 -> floatX, round to nearest even (the rounding of __float2bfloat16_rn).
+__global__ void convert_to_floatX_kernel(floatX* out, const float* in, size_t n) {
+    GRID_STRIDE_LOOP(i, n) out[i] = to_floatX(in[i]);
+}
 inline void convert_to_floatX(floatX* out, const float* in, size_t n, cudaStream_t stream) {
     if (n == 0) return;
-    const int block_size = 256;
-    const size_t blocks_needed = (n + block_size - 1) / block_size;
-    const int grid_size = (int)std::min<size_t>(blocks_needed, 65536);
-    convert_to_floatX_kernel<<<grid_size, block_size, 0, stream>>>(out, in, n);
+    convert_to_floatX_kernel<<<grid_for(n, 256), 256, 0, stream>>>(out, in, n);
+    cudaCheckLaunch();
+}
+
+// GELU, exact erf form (SPEC 1.1.6): gelu(z) = 0.5 z (1 + erf(z/√2));  gelu'(z) = Φ(z) + z φ(z).
+__global__ void gelu_forward_kernel(floatX* out, const floatX* inp, size_t n) {
+    GRID_STRIDE_LOOP(i, n) {
+        float z = to_f32(inp[i]);
+        out[i] = to_floatX(0.5f * z * (1.0f + erff(z * (float)M_SQRT1_2)));
+    }
+}
+__global__ void gelu_backward_kernel(floatX* dinp, const floatX* dout, const floatX* inp, size_t n) {
+    GRID_STRIDE_LOOP(i, n) {
+        float z = to_f32(inp[i]);
+        float cdf = 0.5f * (1.0f + erff(z * (float)M_SQRT1_2));
+        float pdf = expf(-0.5f * z * z) * (float)(0.5 * M_2_SQRTPI * M_SQRT1_2);   // 1/√(2π)
+        dinp[i] = to_floatX(to_f32(dout[i]) * (cdf + z * pdf));
+    }
+}
+inline void gelu_forward(floatX* out, const floatX* inp, size_t n, cudaStream_t stream) {
+    gelu_forward_kernel<<<grid_for(n, 256), 256, 0, stream>>>(out, inp, n);
+    cudaCheckLaunch();
+}
+inline void gelu_backward(floatX* dinp, const floatX* dout, const floatX* inp, size_t n, cudaStream_t stream) {
+    gelu_backward_kernel<<<grid_for(n, 256), 256, 0, stream>>>(dinp, dout, inp, n);
+    cudaCheckLaunch();
+}
+
+// out = a + b + c in fp32, rounded once: the parallel residual x + attn + mlp, and its backward dx + dx1 + dx2.
+// out may alias a.
+__global__ void add3_kernel(floatX* out, const floatX* a, const floatX* b, const floatX* c, size_t n) {
+    GRID_STRIDE_LOOP(i, n) out[i] = to_floatX(to_f32(a[i]) + to_f32(b[i]) + to_f32(c[i]));
+}
+inline void add3(floatX* out, const floatX* a, const floatX* b, const floatX* c, size_t n, cudaStream_t stream) {
+    add3_kernel<<<grid_for(n, 256), 256, 0, stream>>>(out, a, b, c, n);
+    cudaCheckLaunch();
+}
+
+// Row gather and scatter. src: (rows_src, C)   index: (n) rows of src   out: (n, C)
+// gather: out[q] = src[index[q]] (embedding lookups, picking the LM-head rows);
+// scatter: dsrc[index[q]] = dout[q] (indices distinct; the caller zeroes the other rows).
+__global__ void gather_rows_kernel(floatX* out, const floatX* src, const int* index, size_t n, size_t C) {
+    GRID_STRIDE_LOOP(i, n * C) out[i] = src[(size_t)index[i / C] * C + i % C];
+}
+__global__ void scatter_rows_kernel(floatX* dsrc, const floatX* dout, const int* index, size_t n, size_t C) {
+    GRID_STRIDE_LOOP(i, n * C) dsrc[(size_t)index[i / C] * C + i % C] = dout[i];
+}
+inline void gather_rows(floatX* out, const floatX* src, const int* index, size_t n, size_t C, cudaStream_t stream) {
+    if (n == 0) return;
+    gather_rows_kernel<<<grid_for(n * C, 256), 256, 0, stream>>>(out, src, index, n, C);
+    cudaCheckLaunch();
+}
+inline void scatter_rows(floatX* dsrc, const floatX* dout, const int* index, size_t n, size_t C, cudaStream_t stream) {
+    if (n == 0) return;
+    scatter_rows_kernel<<<grid_for(n * C, 256), 256, 0, stream>>>(dsrc, dout, index, n, C);
     cudaCheckLaunch();
 }
 
 // ----------------------------------------------------------------------------------------------------------------
-// The model's weights on the GPU: one floatX buffer of table.num_params elements, each tensor at its table
-// offset, plus the fp32 master copy the optimizer updates.
-struct ParameterBuffer {
-    TensorTable table;
-    DeviceBuffer<float> master;   // (num_params) fp32
-    DeviceBuffer<floatX> params;  // (num_params) what the kernels read
+// LayerNorm (SPEC 1.1.2), statistics in fp32. One warp per row.
+// inp, out: (N, C)   weight, bias: (C)   mean, rstd: (N) fp32, kept for the backward pass.
 
-    explicit ParameterBuffer(const ModelConfig& config)
-        : table(build_tensor_table(config)), master(table.num_params), params(table.num_params) {}
-
-    // host: (num_params) fp32, laid out by the table.
-    void upload(const std::vector<float>& host) {
-        if (host.size() != table.num_params) throw std::runtime_error("ParameterBuffer::upload: wrong number of values");
-        master.upload(host.data(), host.size());
-        convert_to_floatX(params.data(), master.data(), host.size(), 0);
-        cudaCheck(cudaDeviceSynchronize());
+__global__ void layernorm_forward_kernel(floatX* out, float* mean, float* rstd, const floatX* inp, const floatX* weight,
+                                         const floatX* bias, int N, int C) {
+    const int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (row >= N) return;
+    const floatX* x = inp + (size_t)row * C;
+    float sum = 0.0f;
+    for (int c = lane; c < C; c += 32) sum += to_f32(x[c]);
+    const float m = warp_sum(sum) / C;
+    float var = 0.0f;
+    for (int c = lane; c < C; c += 32) var += (to_f32(x[c]) - m) * (to_f32(x[c]) - m);
+    const float r = rsqrtf(warp_sum(var) / C + kLayerNormEps);
+    for (int c = lane; c < C; c += 32)
+        out[(size_t)row * C + c] = to_floatX((to_f32(x[c]) - m) * r * to_f32(weight[c]) + to_f32(bias[c]));
+    if (lane == 0) {
+        mean[row] = m;
+        rstd[row] = r;
     }
-    floatX* tensor(const std::string& name) const { return params.data() + table.get(name).offset; }
+}
+
+// With xhat = (x - mean) rstd and g = dout * weight: dinp = rstd (g - mean(g) - xhat mean(g xhat)).
+// Also writes dout * xhat to dweight_rows (N, C); the caller sums its columns into dweight (deterministically).
+__global__ void layernorm_backward_kernel(floatX* dinp, floatX* dweight_rows, const floatX* dout, const floatX* inp,
+                                          const floatX* weight, const float* mean, const float* rstd, int N, int C) {
+    const int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (row >= N) return;
+    const floatX* x = inp + (size_t)row * C;
+    const floatX* dy = dout + (size_t)row * C;
+    const float m = mean[row], r = rstd[row];
+    float g_sum = 0.0f, gx_sum = 0.0f;
+    for (int c = lane; c < C; c += 32) {
+        float xhat = (to_f32(x[c]) - m) * r, g = to_f32(dy[c]) * to_f32(weight[c]);
+        g_sum += g;
+        gx_sum += g * xhat;
+        dweight_rows[(size_t)row * C + c] = to_floatX(to_f32(dy[c]) * xhat);
+    }
+    const float g_mean = warp_sum(g_sum) / C, gx_mean = warp_sum(gx_sum) / C;
+    for (int c = lane; c < C; c += 32) {
+        float xhat = (to_f32(x[c]) - m) * r, g = to_f32(dy[c]) * to_f32(weight[c]);
+        dinp[(size_t)row * C + c] = to_floatX(r * (g - g_mean - xhat * gx_mean));
+    }
+}
+
+// ----------------------------------------------------------------------------------------------------------------
+// Matrix products. Linear layers go through cuBLASLt (bias fused as an epilogue), with one plan (descriptors and
+// the heuristic's algorithm) cached per shape; attention's many small per-head products go through cuBLAS's
+// strided-batched GEMM. All accumulate in fp32 (CUBLAS_COMPUTE_32F: no TF32, so the FP32 build is exact fp32).
+//
+// cuBLAS is column-major; a row-major (R, C) matrix is a column-major (C, R) one. So for row-major tensors,
+// out (N, OC) = inp (N, IC) · W^T (W: (OC, IC)) is the column-major product out^T = W^T... see linear_forward.
+
+#if defined(BLOCKTF_PRECISION_FP32)
+constexpr cudaDataType kCudaFloatX = CUDA_R_32F;
+#else
+constexpr cudaDataType kCudaFloatX = CUDA_R_16BF;
+#endif
+
+struct MatmulKey {
+    int m, n, k;
+    bool trans_a, trans_b, has_bias;
+    cudaDataType d_type;
+    int align_a, align_b, align_d, align_bias;   // pointer alignments in bytes (capped at 256): they limit the algorithms
+    bool operator<(const MatmulKey& o) const {
+        return std::tie(m, n, k, trans_a, trans_b, has_bias, d_type, align_a, align_b, align_d, align_bias) <
+               std::tie(o.m, o.n, o.k, o.trans_a, o.trans_b, o.has_bias, o.d_type, o.align_a, o.align_b, o.align_d, o.align_bias);
+    }
+};
+
+struct MatmulPlan {
+    cublasLtMatmulDesc_t desc = nullptr;
+    cublasLtMatrixLayout_t a = nullptr, b = nullptr, d = nullptr;
+    cublasLtMatmulAlgo_t algo;
+};
+
+inline int pointer_alignment(const void* p) {
+    uintptr_t address = (uintptr_t)p;
+    int alignment = 256;
+    while (alignment > 1 && address % alignment != 0) alignment /= 2;
+    return alignment;
+}
+
+// The GPU context every launcher that needs cuBLAS takes: handles, stream, workspace, cached plans.
+class Gpu {
+public:
+    cudaStream_t stream = 0;
+    cublasHandle_t blas = nullptr;
+    cublasLtHandle_t lt = nullptr;
+
+    Gpu() : workspace_(kWorkspaceBytes) {
+        cublasCheck(cublasCreate(&blas));
+        cublasCheck(cublasSetStream(blas, stream));
+        cublasCheck(cublasSetWorkspace(blas, workspace_.data(), kWorkspaceBytes));
+        cublasCheck(cublasLtCreate(&lt));
+    }
+    ~Gpu() {
+        for (auto& entry : plans_) {
+            cublasLtMatmulDescDestroy(entry.second.desc);
+            cublasLtMatrixLayoutDestroy(entry.second.a);
+            cublasLtMatrixLayoutDestroy(entry.second.b);
+            cublasLtMatrixLayoutDestroy(entry.second.d);
+        }
+        cublasLtDestroy(lt);
+        cublasDestroy(blas);
+    }
+    Gpu(const Gpu&) = delete;
+    Gpu& operator=(const Gpu&) = delete;
+
+    // D (m, n) column-major = op(A) · op(B) + beta·D [+ bias (m) broadcast over columns]. A, B: floatX.
+    // op(A) is (m, k): A is stored (m, k) or, transposed, (k, m); likewise op(B) is (k, n).
+    void matmul(void* D, cudaDataType d_type, const floatX* A, const floatX* B, int m, int n, int k, bool trans_a,
+                bool trans_b, const floatX* bias, float beta) {
+        MatmulKey key{m, n, k, trans_a, trans_b, bias != nullptr, d_type, pointer_alignment(A), pointer_alignment(B),
+                      pointer_alignment(D), bias ? pointer_alignment(bias) : 256};
+        auto it = plans_.find(key);
+        if (it == plans_.end()) it = plans_.emplace(key, make_plan(key)).first;
+        MatmulPlan& plan = it->second;
+        if (bias) cublasCheck(cublasLtMatmulDescSetAttribute(plan.desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof(bias)));
+        const float alpha = 1.0f;
+        cublasCheck(cublasLtMatmul(lt, plan.desc, &alpha, A, plan.a, B, plan.b, &beta, D, plan.d, D, plan.d, &plan.algo,
+                                   workspace_.data(), kWorkspaceBytes, stream));
+    }
+
+    // A column of ones (floatX) of at least n entries, for column sums as matrix-vector products.
+    const floatX* ones(size_t n) {
+        if (ones_.size() < n) {
+            ones_ = DeviceBuffer<floatX>(std::max<size_t>(n, 2 * ones_.size()));
+            std::vector<float> host(ones_.size(), 1.0f);
+            DeviceBuffer<float> staging(host.size());
+            staging.upload(host.data(), host.size());
+            convert_to_floatX(ones_.data(), staging.data(), host.size(), stream);
+            cudaCheck(cudaStreamSynchronize(stream));
+        }
+        return ones_.data();
+    }
+
+private:
+    static constexpr size_t kWorkspaceBytes = 32ull << 20;
+    DeviceBuffer<uint8_t> workspace_;
+    DeviceBuffer<floatX> ones_;
+    std::map<MatmulKey, MatmulPlan> plans_;
+
+    MatmulPlan make_plan(const MatmulKey& key) {
+        MatmulPlan plan;
+        cublasCheck(cublasLtMatmulDescCreate(&plan.desc, CUBLAS_COMPUTE_32F, CUDA_R_32F));
+        cublasOperation_t op_a = key.trans_a ? CUBLAS_OP_T : CUBLAS_OP_N, op_b = key.trans_b ? CUBLAS_OP_T : CUBLAS_OP_N;
+        cublasCheck(cublasLtMatmulDescSetAttribute(plan.desc, CUBLASLT_MATMUL_DESC_TRANSA, &op_a, sizeof(op_a)));
+        cublasCheck(cublasLtMatmulDescSetAttribute(plan.desc, CUBLASLT_MATMUL_DESC_TRANSB, &op_b, sizeof(op_b)));
+        if (key.has_bias) {
+            cublasLtEpilogue_t epilogue = CUBLASLT_EPILOGUE_BIAS;
+            cublasCheck(cublasLtMatmulDescSetAttribute(plan.desc, CUBLASLT_MATMUL_DESC_EPILOGUE, &epilogue, sizeof(epilogue)));
+            cudaDataType bias_type = kCudaFloatX;
+            cublasCheck(cublasLtMatmulDescSetAttribute(plan.desc, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &bias_type, sizeof(bias_type)));
+        }
+        // Stored shapes (rows, cols) in column-major terms; the leading dimension is the row count.
+        int a_rows = key.trans_a ? key.k : key.m, a_cols = key.trans_a ? key.m : key.k;
+        int b_rows = key.trans_b ? key.n : key.k, b_cols = key.trans_b ? key.k : key.n;
+        cublasCheck(cublasLtMatrixLayoutCreate(&plan.a, kCudaFloatX, a_rows, a_cols, a_rows));
+        cublasCheck(cublasLtMatrixLayoutCreate(&plan.b, kCudaFloatX, b_rows, b_cols, b_rows));
+        cublasCheck(cublasLtMatrixLayoutCreate(&plan.d, key.d_type, key.m, key.n, key.m));
+
+        cublasLtMatmulPreference_t preference;
+        cublasCheck(cublasLtMatmulPreferenceCreate(&preference));
+        size_t workspace = kWorkspaceBytes;
+        uint32_t align_a = key.align_a, align_b = key.align_b, align_d = key.align_d;
+        cublasCheck(cublasLtMatmulPreferenceSetAttribute(preference, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &workspace, sizeof(workspace)));
+        cublasCheck(cublasLtMatmulPreferenceSetAttribute(preference, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &align_a, sizeof(align_a)));
+        cublasCheck(cublasLtMatmulPreferenceSetAttribute(preference, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &align_b, sizeof(align_b)));
+        cublasCheck(cublasLtMatmulPreferenceSetAttribute(preference, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &align_d, sizeof(align_d)));
+        cublasCheck(cublasLtMatmulPreferenceSetAttribute(preference, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &align_d, sizeof(align_d)));
+        cublasLtMatmulHeuristicResult_t result;
+        int found = 0;
+        cublasCheck(cublasLtMatmulAlgoGetHeuristic(lt, plan.desc, plan.a, plan.b, plan.d, plan.d, preference, 1, &result, &found));
+        cublasCheck(cublasLtMatmulPreferenceDestroy(preference));
+        if (found == 0)
+            throw std::runtime_error("cuBLASLt has no algorithm for the product m=" + std::to_string(key.m) + " n=" +
+                                     std::to_string(key.n) + " k=" + std::to_string(key.k));
+        plan.algo = result.algo;
+        return plan;
+    }
+};
+
+// Row-major linear layer: out (N, OC) = inp (N, IC) · weight^T + bias, weight (OC, IC) as PyTorch stores it.
+// Column-major view: out^T (OC, N) = op_T(weight^T stored (IC, OC)) · inp^T (IC, N).
+inline void linear_forward(Gpu& gpu, void* out, cudaDataType out_type, const floatX* inp, const floatX* weight,
+                           const floatX* bias, int N, int IC, int OC) {
+    gpu.matmul(out, out_type, weight, inp, OC, N, IC, true, false, bias, 0.0f);
+}
+inline void linear_forward(Gpu& gpu, floatX* out, const floatX* inp, const floatX* weight, const floatX* bias, int N, int IC, int OC) {
+    linear_forward(gpu, out, kCudaFloatX, inp, weight, bias, N, IC, OC);
+}
+
+// dst (C) += column sums of src (N, C), as a matrix-vector product with a ones vector: deterministic, unlike atomics.
+inline void column_sum_accumulate(Gpu& gpu, floatX* dst, const floatX* src, int N, int C) {
+    gpu.matmul(dst, kCudaFloatX, src, gpu.ones(N), C, 1, N, false, false, nullptr, 1.0f);
+}
+
+// dinp (N, IC) = dout (N, OC) · weight (written);  dweight (OC, IC) += dout^T · inp;  dbias (OC) += column sums of dout.
+// Column-major: dinp^T = weight^T (IC, OC) · dout^T (OC, N);  dweight^T (IC, OC) += inp^T (IC, N) · dout (N, OC).
+inline void linear_backward(Gpu& gpu, floatX* dinp, floatX* dweight, floatX* dbias, const floatX* dout, const floatX* inp,
+                            const floatX* weight, int N, int IC, int OC) {
+    gpu.matmul(dinp, kCudaFloatX, weight, dout, IC, N, OC, false, false, nullptr, 0.0f);
+    gpu.matmul(dweight, kCudaFloatX, inp, dout, IC, OC, N, false, true, nullptr, 1.0f);
+    if (dbias) column_sum_accumulate(gpu, dbias, dout, N, OC);
+}
+
+// Many independent column-major products C_i = alpha op(A_i) op(B_i) (i < batch), each at a fixed stride.
+inline void batched_matmul(Gpu& gpu, void* C, cudaDataType c_type, const floatX* A, const floatX* B, int m, int n, int k,
+                           bool trans_a, bool trans_b, int lda, int ldb, int ldc, long long stride_a, long long stride_b,
+                           long long stride_c, int batch, float alpha) {
+    const float beta = 0.0f;
+    cublasCheck(cublasGemmStridedBatchedEx(gpu.blas, trans_a ? CUBLAS_OP_T : CUBLAS_OP_N, trans_b ? CUBLAS_OP_T : CUBLAS_OP_N,
+                                           m, n, k, &alpha, A, kCudaFloatX, lda, stride_a, B, kCudaFloatX, ldb, stride_b,
+                                           &beta, C, c_type, ldc, stride_c, batch, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+}
+
+// ----------------------------------------------------------------------------------------------------------------
+// LayerNorm launchers. dinp is written; dweight, dbias accumulate. scratch: (N, C).
+
+inline void layernorm_forward(floatX* out, float* mean, float* rstd, const floatX* inp, const floatX* weight,
+                              const floatX* bias, int N, int C, cudaStream_t stream) {
+    layernorm_forward_kernel<<<warp_rows_grid(N), 256, 0, stream>>>(out, mean, rstd, inp, weight, bias, N, C);
+    cudaCheckLaunch();
+}
+inline void layernorm_backward(Gpu& gpu, floatX* dinp, floatX* dweight, floatX* dbias, const floatX* dout, const floatX* inp,
+                               const floatX* weight, const float* mean, const float* rstd, floatX* scratch, int N, int C) {
+    layernorm_backward_kernel<<<warp_rows_grid(N), 256, 0, gpu.stream>>>(dinp, scratch, dout, inp, weight, mean, rstd, N, C);
+    cudaCheckLaunch();
+    column_sum_accumulate(gpu, dweight, scratch, N, C);
+    column_sum_accumulate(gpu, dbias, dout, N, C);
+}
+
+// ----------------------------------------------------------------------------------------------------------------
+// Rotary embedding fused with the head split (SPEC 1.1.3-4). The fused QKV output (nseq, S, NH, 3, HS) becomes
+// q, k, v in (nseq, NH, S, HS), the layout the batched attention products want, with q and k rotated:
+//   u'_m = u_m cos - u_{m+h} sin,   u'_{m+h} = u_{m+h} cos + u_m sin,   angle p θ_m, θ_m = base^(-2m/rot), h = rot/2
+// on the first rot = HS/4 dims of each head. The backward rotates by the opposite angle (direction -1) and merges
+// the heads back. cos_table, sin_table: (S, rot/2) fp32, made in double on the host (make_rope_tables).
+
+__device__ inline float rotate(float x, float partner, float c, float s, bool low_half, float direction) {
+    return low_half ? x * c - direction * partner * s : x * c + direction * partner * s;
+}
+
+// One thread per element of q (and the same element of k and v).
+__global__ void rope_split_heads_kernel(floatX* q, floatX* k, floatX* v, const floatX* qkv, const float* cos_table,
+                                        const float* sin_table, int nseq, int S, int NH, int HS, int rot) {
+    const size_t n = (size_t)nseq * S * NH * HS;
+    const int half = rot / 2;
+    GRID_STRIDE_LOOP(i, n) {
+        const int d = i % HS, h = (i / HS) % NH, s = (i / ((size_t)HS * NH)) % S;
+        const size_t seq = i / ((size_t)HS * NH * S);
+        const floatX* row = qkv + i / HS * 3 * HS;   // (seq, s, h) of the fused layout
+        const size_t out = ((seq * NH + h) * S + s) * HS + d;
+        v[out] = row[2 * HS + d];
+        for (int part = 0; part < 2; part++) {
+            const floatX* u = row + part * HS;
+            float value = to_f32(u[d]);
+            if (d < rot) {
+                const bool low = d < half;
+                const int m = low ? d : d - half;
+                const float partner = to_f32(u[low ? d + half : d - half]);
+                value = rotate(value, partner, cos_table[s * half + m], sin_table[s * half + m], low, 1.0f);
+            }
+            (part == 0 ? q : k)[out] = to_floatX(value);
+        }
+    }
+}
+
+__global__ void rope_merge_heads_backward_kernel(floatX* dqkv, const floatX* dq, const floatX* dk, const floatX* dv,
+                                                 const float* cos_table, const float* sin_table, int nseq, int S, int NH,
+                                                 int HS, int rot) {
+    const size_t n = (size_t)nseq * S * NH * HS;
+    const int half = rot / 2;
+    GRID_STRIDE_LOOP(i, n) {
+        const int d = i % HS, h = (i / HS) % NH, s = (i / ((size_t)HS * NH)) % S;
+        const size_t seq = i / ((size_t)HS * NH * S);
+        floatX* row = dqkv + i / HS * 3 * HS;
+        const size_t head_row = ((seq * NH + h) * S + s) * HS;
+        row[2 * HS + d] = dv[head_row + d];
+        for (int part = 0; part < 2; part++) {
+            const floatX* u = (part == 0 ? dq : dk) + head_row;
+            float value = to_f32(u[d]);
+            if (d < rot) {
+                const bool low = d < half;
+                const int m = low ? d : d - half;
+                const float partner = to_f32(u[low ? d + half : d - half]);
+                value = rotate(value, partner, cos_table[s * half + m], sin_table[s * half + m], low, -1.0f);
+            }
+            row[part * HS + d] = to_floatX(value);
+        }
+    }
+}
+
+// cos and sin of p θ_m for p < S, m < rot/2: (S, rot/2) each, computed in double, stored fp32 (SPEC 10.5).
+inline void make_rope_tables(std::vector<float>& cos_table, std::vector<float>& sin_table, int S, int rot) {
+    const int half = rot / 2;
+    cos_table.resize((size_t)S * half);
+    sin_table.resize((size_t)S * half);
+    for (int p = 0; p < S; p++)
+        for (int m = 0; m < half; m++) {
+            double angle = p * std::pow((double)kRotaryBase, -2.0 * m / rot);
+            cos_table[(size_t)p * half + m] = (float)std::cos(angle);
+            sin_table[(size_t)p * half + m] = (float)std::sin(angle);
+        }
+}
+
+// Head merge: (nseq, NH, S, HS) -> (nseq, S, NH*HS), and the split for the backward pass (to_heads = true).
+__global__ void permute_heads_kernel(floatX* out, const floatX* inp, int nseq, int S, int NH, int HS, bool to_heads) {
+    const size_t n = (size_t)nseq * S * NH * HS;
+    GRID_STRIDE_LOOP(i, n) {   // i indexes the merged layout (seq, s, h, d)
+        const int d = i % HS, h = (i / HS) % NH, s = (i / ((size_t)HS * NH)) % S;
+        const size_t seq = i / ((size_t)HS * NH * S);
+        const size_t head_index = ((seq * NH + h) * S + s) * HS + d;
+        if (to_heads) out[head_index] = inp[i];
+        else out[i] = inp[head_index];
+    }
+}
+
+// ----------------------------------------------------------------------------------------------------------------
+// Attention (SPEC 1.1.5): causal, key-padding mask, scale HS^-0.5. Per (sequence, head): scores = q k^T · scale,
+// masked softmax, out = probs · v. The (S, S) scores live in one scratch buffer reused by every layer; the
+// backward recomputes them instead of keeping a (S, S) matrix per layer.
+
+// One warp per score row. scores: (nseq*NH, S, S) fp32   key_mask: (nseq, S)   probs: (nseq*NH, S, S)
+// Query i sees keys j <= i with key_mask[j] = 1; invisible keys get probability 0 (a row seeing none: all 0).
+__global__ void attention_softmax_kernel(floatX* probs, const float* scores, const int* key_mask, int nseq, int NH, int S) {
+    const size_t row = blockIdx.x * (size_t)(blockDim.x / 32) + threadIdx.x / 32;
+    const int lane = threadIdx.x % 32;
+    if (row >= (size_t)nseq * NH * S) return;
+    const int i = row % S;
+    const int* mask = key_mask + row / ((size_t)NH * S) * S;
+    const float* z = scores + row * S;
+    float max_z = -INFINITY;
+    for (int j = lane; j <= i; j += 32) if (mask[j]) max_z = fmaxf(max_z, z[j]);
+    max_z = warp_max(max_z);
+    float sum = 0.0f;
+    for (int j = lane; j <= i; j += 32) if (mask[j]) sum += expf(z[j] - max_z);
+    sum = warp_sum(sum);
+    const float inv_sum = sum > 0.0f ? 1.0f / sum : 0.0f;
+    for (int j = lane; j < S; j += 32)
+        probs[row * S + j] = to_floatX(j <= i && mask[j] ? expf(z[j] - max_z) * inv_sum : 0.0f);
+}
+
+// dscores_ij = p_ij (dp_ij - Σ_k p_ik dp_ik), one warp per row. dprobs: fp32.
+__global__ void attention_softmax_backward_kernel(floatX* dscores, const floatX* probs, const float* dprobs, size_t rows, int S) {
+    const size_t row = blockIdx.x * (size_t)(blockDim.x / 32) + threadIdx.x / 32;
+    const int lane = threadIdx.x % 32;
+    if (row >= rows) return;
+    const floatX* p = probs + row * S;
+    const float* dp = dprobs + row * S;
+    float dot = 0.0f;
+    for (int j = lane; j < S; j += 32) dot += to_f32(p[j]) * dp[j];
+    dot = warp_sum(dot);
+    for (int j = lane; j < S; j += 32) dscores[row * S + j] = to_floatX(to_f32(p[j]) * (dp[j] - dot));
+}
+
+// Scratch of one attention call; sized for the largest stack call (nseq*NH*S*S scores).
+struct AttentionScratch {
+    DeviceBuffer<float> scores, dprobs;   // (nseq*NH, S, S) fp32
+    DeviceBuffer<floatX> probs, dscores;  // (nseq*NH, S, S)
+    DeviceBuffer<floatX> heads, dheads;   // (nseq, NH, S, HS): output before the head merge, its gradient
+};
+
+// scores (col-major per batch: M[j, i] = k_j · q_i, i.e. row-major scores[i][j]) = scale · op_T(K^T) · Q^T.
+inline void attention_scores(Gpu& gpu, float* scores, const floatX* q, const floatX* k, int batch, int S, int HS) {
+    const long long head = (long long)S * HS, square = (long long)S * S;
+    batched_matmul(gpu, scores, CUDA_R_32F, k, q, S, S, HS, true, false, HS, HS, S, head, head, square, batch,
+                   1.0f / std::sqrt((float)HS));
+}
+
+// q, k, v: (nseq, NH, S, HS)   key_mask: (nseq, S)   out: (nseq, S, C) heads merged.
+inline void attention_forward(Gpu& gpu, floatX* out, const floatX* q, const floatX* k, const floatX* v, const int* key_mask,
+                              AttentionScratch& scratch, int nseq, int S, int NH, int HS) {
+    const int batch = nseq * NH;
+    const long long head = (long long)S * HS, square = (long long)S * S;
+    attention_scores(gpu, scratch.scores.data(), q, k, batch, S, HS);
+    const size_t rows = (size_t)batch * S;
+    attention_softmax_kernel<<<warp_rows_grid(rows), 256, 0, gpu.stream>>>(scratch.probs.data(), scratch.scores.data(), key_mask, nseq, NH, S);
+    cudaCheckLaunch();
+    // heads^T (HS, S) = v^T (HS, S) · probs^T (S, S)
+    batched_matmul(gpu, scratch.heads.data(), kCudaFloatX, v, scratch.probs.data(), HS, S, S, false, false, HS, S, HS,
+                   head, square, head, batch, 1.0f);
+    permute_heads_kernel<<<grid_for(rows * HS, 256), 256, 0, gpu.stream>>>(out, scratch.heads.data(), nseq, S, NH, HS, false);
+    cudaCheckLaunch();
+}
+
+// dout: (nseq, S, C) -> dq, dk, dv: (nseq, NH, S, HS), written. Recomputes the probabilities.
+//   dv = probs^T dO;  dprobs = dO v^T;  dscores = softmax backward;  dq = scale dscores k;  dk = scale dscores^T q
+inline void attention_backward(Gpu& gpu, floatX* dq, floatX* dk, floatX* dv, const floatX* dout, const floatX* q,
+                               const floatX* k, const floatX* v, const int* key_mask, AttentionScratch& scratch, int nseq,
+                               int S, int NH, int HS) {
+    const int batch = nseq * NH;
+    const long long head = (long long)S * HS, square = (long long)S * S;
+    const size_t rows = (size_t)batch * S;
+    const float scale = 1.0f / std::sqrt((float)HS);
+    attention_scores(gpu, scratch.scores.data(), q, k, batch, S, HS);
+    attention_softmax_kernel<<<warp_rows_grid(rows), 256, 0, gpu.stream>>>(scratch.probs.data(), scratch.scores.data(), key_mask, nseq, NH, S);
+    cudaCheckLaunch();
+    permute_heads_kernel<<<grid_for(rows * HS, 256), 256, 0, gpu.stream>>>(scratch.dheads.data(), dout, nseq, S, NH, HS, true);
+    cudaCheckLaunch();
+    const floatX* dO = scratch.dheads.data();
+    // dv^T (HS, S) = dO^T (HS, S) · probs (S, S) [stored as probs^T, transposed]
+    batched_matmul(gpu, dv, kCudaFloatX, dO, scratch.probs.data(), HS, S, S, false, true, HS, S, HS, head, square, head, batch, 1.0f);
+    // dprobs, stored like scores: M[j, i] = v_j · dO_i
+    batched_matmul(gpu, scratch.dprobs.data(), CUDA_R_32F, v, dO, S, S, HS, true, false, HS, HS, S, head, head, square, batch, 1.0f);
+    attention_softmax_backward_kernel<<<warp_rows_grid(rows), 256, 0, gpu.stream>>>(scratch.dscores.data(), scratch.probs.data(), scratch.dprobs.data(), rows, S);
+    cudaCheckLaunch();
+    // dq^T (HS, S) = k^T (HS, S) · dscores^T (S, S);  dk^T (HS, S) = q^T (HS, S) · dscores (S, S)
+    batched_matmul(gpu, dq, kCudaFloatX, k, scratch.dscores.data(), HS, S, S, false, false, HS, S, HS, head, square, head, batch, scale);
+    batched_matmul(gpu, dk, kCudaFloatX, q, scratch.dscores.data(), HS, S, S, false, true, HS, S, HS, head, square, head, batch, scale);
+}
+
+// ----------------------------------------------------------------------------------------------------------------
+// Embedding gradients without atomics: the rows that used each token id are grouped on the host (Buckets), and
+// one thread block per distinct id sums its rows in a fixed order, so the result is deterministic.
+
+// For an embedding table: which rows of a gradient tensor belong to which token id.
+struct Buckets {
+    std::vector<int> ids;      // (num_buckets) distinct token ids
+    std::vector<int> starts;   // (num_buckets + 1) bucket b owns rows[starts[b] .. starts[b+1])
+    std::vector<int> rows;     // (total) rows of the gradient tensor, ascending within a bucket
+};
+
+// ids[q] is the token embedded at gradient row rows_of[q]. Counting sort by id keeps rows in ascending order.
+inline Buckets make_buckets(const std::vector<int>& ids, const std::vector<int>& rows_of) {
+    std::vector<std::pair<int, int>> pairs(ids.size());
+    for (size_t q = 0; q < ids.size(); q++) pairs[q] = {ids[q], rows_of[q]};
+    std::sort(pairs.begin(), pairs.end());
+    Buckets buckets;
+    for (size_t q = 0; q < pairs.size(); q++) {
+        if (q == 0 || pairs[q].first != pairs[q - 1].first) {
+            buckets.ids.push_back(pairs[q].first);
+            buckets.starts.push_back((int)q);
+        }
+        buckets.rows.push_back(pairs[q].second);
+    }
+    buckets.starts.push_back((int)pairs.size());
+    return buckets;
+}
+
+// dtable (V, C): row ids[b] += Σ over the bucket's rows of dsrc (rows, C).
+__global__ void embedding_backward_kernel(floatX* dtable, const floatX* dsrc, const int* ids, const int* starts,
+                                          const int* rows, int C) {
+    const int b = blockIdx.x;
+    floatX* out = dtable + (size_t)ids[b] * C;
+    for (int c = threadIdx.x; c < C; c += blockDim.x) {
+        float sum = to_f32(out[c]);
+        for (int q = starts[b]; q < starts[b + 1]; q++) sum += to_f32(dsrc[(size_t)rows[q] * C + c]);
+        out[c] = to_floatX(sum);
+    }
+}
+
+// ----------------------------------------------------------------------------------------------------------------
+// Token-decoder input (SPEC 1.5): for each target row r, positions 0..P-1 are the prefix vectors and P+j is the
+// embedding of token y_j (j < LB-1).
+// prefix: (rows, P*HT)   token_ids: (rows, LB-1)   embed: (V, HT)   x: (rows, S = P+LB-1, HT)
+__global__ void token_input_kernel(floatX* x, const floatX* prefix, const floatX* embed, const int* token_ids, int rows,
+                                   int S, int P, int HT) {
+    const size_t n = (size_t)rows * S * HT;
+    GRID_STRIDE_LOOP(i, n) {
+        const int c = i % HT, s = (i / HT) % S;
+        const size_t r = i / ((size_t)HT * S);
+        x[i] = s < P ? prefix[(r * P + s) * HT + c] : embed[(size_t)token_ids[r * (S - P) + s - P] * HT + c];
+    }
+}
+// dprefix (rows, P*HT) = dx[:, 0..P-1]; the token positions' gradients go to the embedding through Buckets.
+__global__ void token_input_backward_kernel(floatX* dprefix, const floatX* dx, int rows, int S, int P, int HT) {
+    const size_t n = (size_t)rows * P * HT;
+    GRID_STRIDE_LOOP(i, n) {
+        const int c = i % HT, s = (i / HT) % P;
+        const size_t r = i / ((size_t)HT * P);
+        dprefix[i] = dx[(r * S + s) * HT + c];
+    }
+}
+
+// ----------------------------------------------------------------------------------------------------------------
+// Softmax cross-entropy in fp32 (SPEC 10.5), fused with its gradient: one block per scored row.
+// logits: (n, V) fp32   targets: (n)   losses: (n) fp32 = logsumexp(z) - z[target]
+// dlogits: (n, V) = (softmax(z) - onehot(target)) * dloss, where dloss = 1 / (scored rows · accumulation steps).
+__global__ void cross_entropy_kernel(floatX* dlogits, float* losses, const float* logits, const int* targets, int V, float dloss) {
+    __shared__ float shared[32];
+    const size_t row = blockIdx.x;
+    const float* z = logits + row * V;
+    float max_z = -INFINITY;
+    for (int v = threadIdx.x; v < V; v += blockDim.x) max_z = fmaxf(max_z, z[v]);
+    max_z = block_max(max_z, shared);
+    float sum = 0.0f;
+    for (int v = threadIdx.x; v < V; v += blockDim.x) sum += expf(z[v] - max_z);
+    sum = block_sum(sum, shared);
+    const int target = targets[row];
+    if (threadIdx.x == 0) losses[row] = logf(sum) + max_z - z[target];
+    if (dlogits == nullptr) return;
+    for (int v = threadIdx.x; v < V; v += blockDim.x)
+        dlogits[row * V + v] = to_floatX((expf(z[v] - max_z) / sum - (v == target ? 1.0f : 0.0f)) * dloss);
+}
+
+// out[0] = Σ in[0..n) in a fixed order (one block): the micro-batch loss, the squared gradient norm.
+__global__ void sum_kernel(float* out, const float* in, size_t n) {
+    __shared__ float shared[32];
+    float sum = 0.0f;
+    for (size_t i = threadIdx.x; i < n; i += blockDim.x) sum += in[i];
+    sum = block_sum(sum, shared);
+    if (threadIdx.x == 0) out[0] = sum;
+}
+
+// ----------------------------------------------------------------------------------------------------------------
+// AdamW (SPEC 3.3) with global-norm clipping. Gradient norm: per-block partial sums of squares over a fixed grid,
+// then sum_kernel: deterministic.
+constexpr int kNormBlocks = 1024;
+__global__ void squared_norm_partials_kernel(float* partials, const floatX* grads, size_t n) {
+    __shared__ float shared[32];
+    float sum = 0.0f;
+    GRID_STRIDE_LOOP(i, n) {
+        float g = to_f32(grads[i]);
+        sum += g * g;
+    }
+    sum = block_sum(sum, shared);
+    if (threadIdx.x == 0) partials[blockIdx.x] = sum;
+}
+
+// g = grad * grad_scale; m, v moments; master -= lr (m̂ / (√v̂ + eps) + wd master); params = floatX(master).
+__global__ void adamw_kernel(floatX* params, float* master, float* m, float* v, const floatX* grads, size_t n, float lr,
+                             float grad_scale, float bias1, float bias2, float weight_decay) {
+    GRID_STRIDE_LOOP(i, n) {
+        float g = to_f32(grads[i]) * grad_scale;
+        float mi = kAdamBeta1 * m[i] + (1.0f - kAdamBeta1) * g;
+        float vi = kAdamBeta2 * v[i] + (1.0f - kAdamBeta2) * g * g;
+        m[i] = mi;
+        v[i] = vi;
+        float p = master[i];
+        p -= lr * ((mi / bias1) / (sqrtf(vi / bias2) + kAdamEps) + weight_decay * p);
+        master[i] = p;
+        params[i] = to_floatX(p);
+    }
+}
+
+// ----------------------------------------------------------------------------------------------------------------
+// A GPT-NeoX stack on the GPU (SPEC 1.1) over nseq independent sequences of S positions: the block decoder
+// (nseq = B, S = NB-1 blocks), the token decoder (nseq = B*(NB-1), S = P+LB-1) or the vanilla model (nseq = B, S = T).
+// It owns its activations, sized at construction; parameters and gradients are buffers laid out by the table.
+
+// Offsets of one layer's 12 tensors in the parameter (and gradient) buffer.
+struct LayerOffsets {
+    size_t ln1_w, ln1_b, ln2_w, ln2_b, qkv_w, qkv_b, dense_w, dense_b, fc_w, fc_b, proj_w, proj_b;
+};
+
+struct GpuLayerActivations {
+    DeviceBuffer<floatX> x;                                     // (n, C) layer input, the residual stream
+    DeviceBuffer<floatX> ln1, ln2;                              // (n, C)
+    DeviceBuffer<float> ln1_mean, ln1_rstd, ln2_mean, ln2_rstd; // (n)
+    DeviceBuffer<floatX> q, k, v;                               // (nseq, NH, S, HS), q and k rotated
+    DeviceBuffer<floatX> att;                                   // (n, C) attention output, heads merged
+    DeviceBuffer<floatX> fc, fc_gelu;                           // (n, I) before and after GELU
+};
+
+class GpuStack {
+public:
+    GpuStack(const StackConfig& config, const std::string& prefix, const TensorTable& table, int nseq, int S)
+        : cfg_(config), nseq_(nseq), S_(S), n_((size_t)nseq * S) {
+        const size_t C = cfg_.C, I = cfg_.I, n = n_;
+        for (int l = 0; l < cfg_.L; l++) {
+            std::string p = prefix + "layers." + std::to_string(l) + ".";
+            auto at = [&](const char* name) { return table.get(p + name).offset; };
+            offsets_.push_back({at("input_layernorm.weight"), at("input_layernorm.bias"), at("post_attention_layernorm.weight"),
+                                at("post_attention_layernorm.bias"), at("attention.query_key_value.weight"),
+                                at("attention.query_key_value.bias"), at("attention.dense.weight"), at("attention.dense.bias"),
+                                at("mlp.dense_h_to_4h.weight"), at("mlp.dense_h_to_4h.bias"), at("mlp.dense_4h_to_h.weight"),
+                                at("mlp.dense_4h_to_h.bias")});
+            GpuLayerActivations a;
+            a.x = DeviceBuffer<floatX>(n * C);
+            a.ln1 = DeviceBuffer<floatX>(n * C);
+            a.ln2 = DeviceBuffer<floatX>(n * C);
+            a.ln1_mean = DeviceBuffer<float>(n); a.ln1_rstd = DeviceBuffer<float>(n);
+            a.ln2_mean = DeviceBuffer<float>(n); a.ln2_rstd = DeviceBuffer<float>(n);
+            a.q = DeviceBuffer<floatX>(n * C); a.k = DeviceBuffer<floatX>(n * C); a.v = DeviceBuffer<floatX>(n * C);
+            a.att = DeviceBuffer<floatX>(n * C);
+            a.fc = DeviceBuffer<floatX>(n * I); a.fc_gelu = DeviceBuffer<floatX>(n * I);
+            layers_.push_back(std::move(a));
+        }
+        final_w_ = table.get(prefix + "final_layer_norm.weight").offset;
+        final_b_ = table.get(prefix + "final_layer_norm.bias").offset;
+        x_final_ = DeviceBuffer<floatX>(n * C);
+        out_ = DeviceBuffer<floatX>(n * C);
+        mean_ = DeviceBuffer<float>(n);
+        rstd_ = DeviceBuffer<float>(n);
+        // scratch shared by the layers
+        qkv_ = DeviceBuffer<floatX>(n * 3 * C);
+        dqkv_ = DeviceBuffer<floatX>(n * 3 * C);
+        branch_a_ = DeviceBuffer<floatX>(n * C);
+        branch_b_ = DeviceBuffer<floatX>(n * C);
+        dln_ = DeviceBuffer<floatX>(n * C);
+        ln_scratch_ = DeviceBuffer<floatX>(n * C);
+        dfc_ = DeviceBuffer<floatX>(n * I);
+        dgelu_ = DeviceBuffer<floatX>(n * I);
+        const size_t squares = (size_t)nseq * cfg_.NH * S * S;
+        attention_.scores = DeviceBuffer<float>(squares);
+        attention_.dprobs = DeviceBuffer<float>(squares);
+        attention_.probs = DeviceBuffer<floatX>(squares);
+        attention_.dscores = DeviceBuffer<floatX>(squares);
+        attention_.heads = DeviceBuffer<floatX>(n * C);
+        attention_.dheads = DeviceBuffer<floatX>(n * C);
+        std::vector<float> cos_table, sin_table;
+        make_rope_tables(cos_table, sin_table, S, cfg_.rotary_dims());
+        rope_cos_ = DeviceBuffer<float>(cos_table.size());
+        rope_sin_ = DeviceBuffer<float>(sin_table.size());
+        rope_cos_.upload(cos_table.data(), cos_table.size());
+        rope_sin_.upload(sin_table.data(), sin_table.size());
+    }
+
+    const floatX* out() const { return out_.data(); }   // (n, C) after the final LayerNorm
+
+    // inp: (n, C)   key_mask: (nseq, S), must stay valid until backward.
+    // Per layer: x_out = x + dense(attention(LN1(x))) + mlp(LN2(x)) (parallel residual, SPEC 1.1.1).
+    void forward(Gpu& gpu, const floatX* inp, const int* key_mask, const floatX* params) {
+        const int n = (int)n_, C = cfg_.C, I = cfg_.I, NH = cfg_.NH, HS = cfg_.HS();
+        key_mask_ = key_mask;
+        cudaCheck(cudaMemcpyAsync(layers_[0].x.data(), inp, n_ * C * sizeof(floatX), cudaMemcpyDeviceToDevice, gpu.stream));
+        for (int l = 0; l < cfg_.L; l++) {
+            GpuLayerActivations& a = layers_[l];
+            const LayerOffsets& o = offsets_[l];
+            const floatX* w = params;
+            floatX* attn_out = branch_a_.data();
+            floatX* mlp_out = branch_b_.data();
+            layernorm_forward(a.ln1.data(), a.ln1_mean.data(), a.ln1_rstd.data(), a.x.data(), w + o.ln1_w, w + o.ln1_b, n, C, gpu.stream);
+            linear_forward(gpu, qkv_.data(), a.ln1.data(), w + o.qkv_w, w + o.qkv_b, n, C, 3 * C);
+            rope_split_heads_kernel<<<grid_for(n_ * C, 256), 256, 0, gpu.stream>>>(a.q.data(), a.k.data(), a.v.data(), qkv_.data(),
+                rope_cos_.data(), rope_sin_.data(), nseq_, S_, NH, HS, cfg_.rotary_dims());
+            cudaCheckLaunch();
+            attention_forward(gpu, a.att.data(), a.q.data(), a.k.data(), a.v.data(), key_mask, attention_, nseq_, S_, NH, HS);
+            linear_forward(gpu, attn_out, a.att.data(), w + o.dense_w, w + o.dense_b, n, C, C);
+
+            layernorm_forward(a.ln2.data(), a.ln2_mean.data(), a.ln2_rstd.data(), a.x.data(), w + o.ln2_w, w + o.ln2_b, n, C, gpu.stream);
+            linear_forward(gpu, a.fc.data(), a.ln2.data(), w + o.fc_w, w + o.fc_b, n, C, I);
+            gelu_forward(a.fc_gelu.data(), a.fc.data(), n_ * I, gpu.stream);
+            linear_forward(gpu, mlp_out, a.fc_gelu.data(), w + o.proj_w, w + o.proj_b, n, I, C);
+
+            floatX* next = l + 1 < cfg_.L ? layers_[l + 1].x.data() : x_final_.data();
+            add3(next, a.x.data(), attn_out, mlp_out, n_ * C, gpu.stream);
+        }
+        layernorm_forward(out_.data(), mean_.data(), rstd_.data(), x_final_.data(), params + final_w_, params + final_b_, n, C, gpu.stream);
+    }
+
+    // dout: (n, C) gradient of out()   dinp: (n, C) written   grads: parameter gradients, accumulated.
+    void backward(Gpu& gpu, floatX* dinp, const floatX* dout, floatX* grads, const floatX* params) {
+        const int n = (int)n_, C = cfg_.C, I = cfg_.I, NH = cfg_.NH, HS = cfg_.HS();
+        floatX* dx = dinp;   // the residual stream's gradient, built in place in dinp
+        floatX* dx_ln1 = branch_a_.data();
+        floatX* dx_ln2 = branch_b_.data();
+        layernorm_backward(gpu, dx, grads + final_w_, grads + final_b_, dout, x_final_.data(), params + final_w_,
+                           mean_.data(), rstd_.data(), ln_scratch_.data(), n, C);
+        for (int l = cfg_.L - 1; l >= 0; l--) {
+            GpuLayerActivations& a = layers_[l];
+            const LayerOffsets& o = offsets_[l];
+            const floatX* w = params;
+            floatX* g = grads;
+            // MLP branch: proj -> GELU -> fc -> LN2
+            linear_backward(gpu, dgelu_.data(), g + o.proj_w, g + o.proj_b, dx, a.fc_gelu.data(), w + o.proj_w, n, I, C);
+            gelu_backward(dfc_.data(), dgelu_.data(), a.fc.data(), n_ * I, gpu.stream);
+            linear_backward(gpu, dln_.data(), g + o.fc_w, g + o.fc_b, dfc_.data(), a.ln2.data(), w + o.fc_w, n, C, I);
+            layernorm_backward(gpu, dx_ln2, g + o.ln2_w, g + o.ln2_b, dln_.data(), a.x.data(), w + o.ln2_w,
+                               a.ln2_mean.data(), a.ln2_rstd.data(), ln_scratch_.data(), n, C);
+            // attention branch: dense -> attention -> RoPE + head split -> QKV -> LN1
+            // (dln_ holds the attention output's gradient; dq, dk, dv live in the qkv scratch, free in the backward)
+            linear_backward(gpu, dln_.data(), g + o.dense_w, g + o.dense_b, dx, a.att.data(), w + o.dense_w, n, C, C);
+            floatX* dq = qkv_.data();   // (n, C) each, in the head layout, inside the qkv scratch
+            floatX* dk = dq + n_ * C;
+            floatX* dv = dk + n_ * C;
+            attention_backward(gpu, dq, dk, dv, dln_.data(), a.q.data(), a.k.data(), a.v.data(), key_mask_, attention_,
+                               nseq_, S_, NH, HS);
+            floatX* dqkv = dqkv_.data();
+            rope_merge_heads_backward_kernel<<<grid_for(n_ * C, 256), 256, 0, gpu.stream>>>(dqkv, dq, dk, dv,
+                rope_cos_.data(), rope_sin_.data(), nseq_, S_, NH, HS, cfg_.rotary_dims());
+            cudaCheckLaunch();
+            linear_backward(gpu, dln_.data(), g + o.qkv_w, g + o.qkv_b, dqkv, a.ln1.data(), w + o.qkv_w, n, C, 3 * C);
+            layernorm_backward(gpu, dx_ln1, g + o.ln1_w, g + o.ln1_b, dln_.data(), a.x.data(), w + o.ln1_w,
+                               a.ln1_mean.data(), a.ln1_rstd.data(), ln_scratch_.data(), n, C);
+            // the residual passes dx through; both branches add theirs
+            add3(dx, dx, dx_ln1, dx_ln2, n_ * C, gpu.stream);
+        }
+    }
+
+private:
+    StackConfig cfg_;
+    int nseq_, S_;
+    size_t n_;
+    std::vector<LayerOffsets> offsets_;
+    size_t final_w_ = 0, final_b_ = 0;
+    std::vector<GpuLayerActivations> layers_;
+    DeviceBuffer<floatX> x_final_, out_;
+    DeviceBuffer<float> mean_, rstd_;
+    DeviceBuffer<float> rope_cos_, rope_sin_;   // (S, rot/2)
+    const int* key_mask_ = nullptr;
+    // scratch
+    DeviceBuffer<floatX> qkv_, dqkv_, branch_a_, branch_b_, dln_, ln_scratch_, dfc_, dgelu_;
+    AttentionScratch attention_;
+};
+
+// ----------------------------------------------------------------------------------------------------------------
+// One micro-batch, described on the host with everything the GPU needs precomputed (index lists, masks, buckets),
+// so the step itself does no per-token host work. ids, mask: (B, T) as in SPEC 3.5 (block models: mask = attention
+// mask, padding slots 0; vanilla models: mask marks the scored targets).
+struct BatchPlan {
+    int B = 0, T = 0;
+    std::vector<int> input_ids;      // block: (B*(NB-1)*LB) ids of blocks 0..NB-2, the embedder's input; vanilla: (B*T)
+    std::vector<int> input_mask;     // key mask of the first stack: block (B*(NB-1)) block mask; vanilla (B*T) ones
+    std::vector<int> token_ids;      // block: (B*(NB-1), LB-1) y_0..y_{LB-2} of each target block
+    std::vector<int> token_mask;     // block: (B*(NB-1), P+LB-1) token-decoder key mask [1 x P, a_0..a_{LB-2}]
+    std::vector<int> head_rows;      // (scored) row of the last stack's output that predicts each scored token
+    std::vector<int> head_targets;   // (scored) the token it predicts
+    Buckets input_buckets;           // embedder (block) / embed_in (vanilla): rows of the first stack's input
+    Buckets token_buckets;           // block: token decoder embed_in: rows of the token-decoder input
+};
+
+inline BatchPlan plan_batch(const ModelConfig& cfg, int B, int T, const std::vector<int>& ids, const std::vector<int>& mask) {
+    if (B <= 0 || T < 2 || ids.size() != (size_t)B * T || mask.size() != ids.size())
+        throw std::runtime_error("batch: ids and mask must both be (B, T) with B >= 1, T >= 2");
+    for (size_t i = 0; i < ids.size(); i++) {
+        if (ids[i] < 0 || ids[i] >= cfg.V)
+            throw std::runtime_error("batch: token id " + std::to_string(ids[i]) + " is outside the vocabulary (" + std::to_string(cfg.V) + " rows)");
+        if (mask[i] != 0 && mask[i] != 1) throw std::runtime_error("batch: mask values must be 0 or 1");
+    }
+    BatchPlan plan;
+    plan.B = B;
+    plan.T = T;
+    std::vector<int> input_rows, token_rows;
+    if (!cfg.is_block) {
+        plan.input_ids = ids;
+        plan.input_mask.assign(ids.size(), 1);   // the vanilla stream has no padding
+        for (int b = 0; b < B; b++)
+            for (int t = 0; t + 1 < T; t++)      // position t predicts token t+1
+                if (mask[(size_t)b * T + t + 1]) {
+                    plan.head_rows.push_back(b * T + t);
+                    plan.head_targets.push_back(ids[(size_t)b * T + t + 1]);
+                }
+        for (size_t i = 0; i < ids.size(); i++) input_rows.push_back((int)i);
+        plan.input_buckets = make_buckets(plan.input_ids, input_rows);
+        return plan;
+    }
+    if (T % cfg.LB != 0 || T / cfg.LB < 2) throw std::runtime_error("batch: T must be a multiple of the block length, >= 2 blocks");
+    const int LB = cfg.LB, P = cfg.P, NB = T / LB, S = cfg.token_seq_len();
+    auto at = [&](const std::vector<int>& v, int b, int i, int j) { return v[(size_t)b * T + i * LB + j]; };
+    for (int b = 0; b < B; b++)
+        for (int i = 0; i + 1 < NB; i++) {   // context blocks 0..NB-2 (SPEC 1.4)
+            int any_real = 0;
+            for (int j = 0; j < LB; j++) {
+                input_rows.push_back((int)plan.input_ids.size());
+                plan.input_ids.push_back(at(ids, b, i, j));
+                any_real |= at(mask, b, i, j);
+            }
+            plan.input_mask.push_back(any_real);
+        }
+    for (int b = 0; b < B; b++)
+        for (int k = 1; k < NB; k++) {       // target block k, token-decoder row r
+            const int r = b * (NB - 1) + k - 1;
+            for (int s = 0; s < P; s++) plan.token_mask.push_back(1);
+            for (int j = 0; j + 1 < LB; j++) {
+                plan.token_ids.push_back(at(ids, b, k, j));
+                plan.token_mask.push_back(at(mask, b, k, j));
+                token_rows.push_back(r * S + P + j);
+            }
+            for (int j = 0; j < LB; j++)     // position P-1+j predicts y_j (SPEC 1.5); only real tokens are scored
+                if (at(mask, b, k, j)) {
+                    plan.head_rows.push_back(r * S + P - 1 + j);
+                    plan.head_targets.push_back(at(ids, b, k, j));
+                }
+        }
+    plan.input_buckets = make_buckets(plan.input_ids, input_rows);
+    plan.token_buckets = make_buckets(plan.token_ids, token_rows);
+    return plan;
+}
+
+// Device copies of a BatchPlan's arrays, allocated once for the largest batch and refilled each step.
+struct DeviceInt {
+    DeviceBuffer<int> buffer;
+    void fill(const std::vector<int>& host) {
+        if (buffer.size() < host.size()) buffer = DeviceBuffer<int>(host.size());
+        if (!host.empty()) buffer.upload(host.data(), host.size());
+    }
+    const int* data() const { return buffer.data(); }
+};
+struct DeviceBuckets {
+    DeviceInt ids, starts, rows;
+    size_t count = 0;
+    void fill(const Buckets& b) {
+        ids.fill(b.ids);
+        starts.fill(b.starts);
+        rows.fill(b.rows);
+        count = b.ids.size();
+    }
+};
+
+inline void embedding_backward(floatX* dtable, const floatX* dsrc, const DeviceBuckets& buckets, int C, cudaStream_t stream) {
+    if (buckets.count == 0) return;
+    embedding_backward_kernel<<<(unsigned)buckets.count, 256, 0, stream>>>(dtable, dsrc, buckets.ids.data(), buckets.starts.data(),
+                                                                           buckets.rows.data(), C);
+    cudaCheckLaunch();
+}
+
+// ----------------------------------------------------------------------------------------------------------------
+// The model on one GPU: one buffer per role, laid out by the tensor table (SPEC section 10.5 numerics):
+//   params (floatX, what kernels read), master (fp32), grads (floatX, trainable prefix), adam_m, adam_v (fp32).
+// forward() also runs the LM head's backward when it is asked for gradients (the fused classifier: logits are made
+// chunk by chunk and never exist for the whole batch), backward() the rest.
+class GpuModel {
+public:
+    ModelConfig cfg;
+    TensorTable table;
+    Gpu gpu;
+    DeviceBuffer<floatX> params;   // (num_params)
+    DeviceBuffer<float> master;    // (num_params)
+    DeviceBuffer<floatX> grads;    // (num_trainable)
+    DeviceBuffer<float> adam_m, adam_v;   // (num_trainable)
+    int adam_steps = 0;
+    bool keep_logits = false;      // tests: copy every scored row's logits to host_logits
+    std::vector<float> host_logits;   // (scored, V) when keep_logits
+
+    // Activations are sized for micro-batches of B sequences of T tokens.
+    GpuModel(const ModelConfig& config, int B, int T)
+        : cfg(config), table(build_tensor_table(config)), params(table.num_params), master(table.num_params),
+          grads(table.num_trainable), adam_m(table.num_trainable), adam_v(table.num_trainable), B_(B), T_(T) {
+        if (cfg.is_block) {
+            if (T % cfg.LB != 0 || T / cfg.LB < 2) throw std::runtime_error("GpuModel: T must be a multiple of the block length, >= 2 blocks");
+            const int rows = B * (T / cfg.LB - 1), S = cfg.token_seq_len();
+            block_stack_ = std::make_unique<GpuStack>(cfg.block_decoder, "block_decoder.gpt_neox.", table, B, T / cfg.LB - 1);
+            token_stack_ = std::make_unique<GpuStack>(cfg.token_decoder, "token_decoder.gpt_neox.", table, rows, S);
+            first_input_ = DeviceBuffer<floatX>((size_t)rows * cfg.block_decoder.C);
+            dfirst_input_ = DeviceBuffer<floatX>((size_t)rows * cfg.block_decoder.C);
+            dcontext_ = DeviceBuffer<floatX>((size_t)rows * cfg.block_decoder.C);
+            prefix_ = DeviceBuffer<floatX>((size_t)rows * cfg.P * cfg.token_decoder.C);
+            dprefix_ = DeviceBuffer<floatX>((size_t)rows * cfg.P * cfg.token_decoder.C);
+            top_input_ = DeviceBuffer<floatX>((size_t)rows * S * cfg.token_decoder.C);
+            dtop_input_ = DeviceBuffer<floatX>((size_t)rows * S * cfg.token_decoder.C);
+            dtop_out_ = DeviceBuffer<floatX>((size_t)rows * S * cfg.token_decoder.C);
+            top_rows_ = (size_t)rows * S;
+        } else {
+            token_stack_ = std::make_unique<GpuStack>(cfg.token_decoder, "gpt_neox.", table, B, T);
+            dtop_input_ = DeviceBuffer<floatX>((size_t)B * T * cfg.token_decoder.C);
+            dtop_out_ = DeviceBuffer<floatX>((size_t)B * T * cfg.token_decoder.C);
+            top_rows_ = (size_t)B * T;
+        }
+        const size_t HT = cfg.token_decoder.C, max_scored = (size_t)B * T;
+        head_in_ = DeviceBuffer<floatX>(max_scored * HT);
+        dhead_ = DeviceBuffer<floatX>(max_scored * HT);
+        losses_ = DeviceBuffer<float>(max_scored);
+        const size_t chunk = std::min<size_t>(max_scored, kHeadChunkRows);
+        logits_ = DeviceBuffer<float>(chunk * cfg.V);
+        dlogits_ = DeviceBuffer<floatX>(chunk * cfg.V);
+        scalars_ = DeviceBuffer<float>(kNormBlocks + 1);
+    }
+
+    // host: (num_params) fp32 laid out by the table: the master weights, and params rounded from them.
+    void load_parameters(const std::vector<float>& host) {
+        if (host.size() != table.num_params) throw std::runtime_error("load_parameters: expected one value per table element");
+        master.upload(host.data(), host.size());
+        convert_to_floatX(params.data(), master.data(), host.size(), gpu.stream);
+        cudaCheck(cudaStreamSynchronize(gpu.stream));
+    }
+
+    void zero_grad() { cudaCheck(cudaMemsetAsync(grads.data(), 0, grads.size() * sizeof(floatX), gpu.stream)); }
+
+    // Mean cross-entropy of the micro-batch's scored tokens. With grad_scale > 0 (training) it also computes the
+    // LM head's gradients for a loss scaled by grad_scale (1 / accumulation steps); backward() then does the rest.
+    float forward(const BatchPlan& plan, float grad_scale) {
+        if (plan.B != B_ || plan.T != T_) throw std::runtime_error("GpuModel::forward: batch shape differs from the model's");
+        upload(plan);
+        const int HT = cfg.token_decoder.C;
+        if (cfg.is_block) {
+            const int rows = plan.B * (plan.T / cfg.LB - 1), DB = cfg.block_decoder.C, DE = cfg.DE, P = cfg.P, S = cfg.token_seq_len();
+            // embedder (SPEC 1.2): (rows*LB, DE) rows of the table are (rows, DB) concatenated block embeddings
+            gather_rows(first_input_.data(), param("embedder.embeddings.weight"), input_ids_.data(), (size_t)rows * cfg.LB, DE, gpu.stream);
+            block_stack_->forward(gpu, first_input_.data(), input_mask_.data(), params.data());
+            linear_forward(gpu, prefix_.data(), block_stack_->out(), param("token_decoder.expansion_layer.weight"),
+                           param("token_decoder.expansion_layer.bias"), rows, DB, P * HT);
+            token_input_kernel<<<grid_for(top_rows_ * HT, 256), 256, 0, gpu.stream>>>(top_input_.data(), prefix_.data(),
+                param("token_decoder.gpt_neox.embed_in.weight"), token_ids_.data(), rows, S, P, HT);
+            cudaCheckLaunch();
+            token_stack_->forward(gpu, top_input_.data(), token_mask_.data(), params.data());
+        } else {
+            floatX* embedded = dtop_out_.data();   // free until backward; holds the embeddings during forward
+            gather_rows(embedded, param("gpt_neox.embed_in.weight"), input_ids_.data(), top_rows_, HT, gpu.stream);
+            token_stack_->forward(gpu, embedded, input_mask_.data(), params.data());
+        }
+        return head(grad_scale);
+    }
+
+    // grads += d(loss * grad_scale)/d(params) for the last forward (called with grad_scale > 0).
+    void backward() {
+        const int HT = cfg.token_decoder.C;
+        cudaCheck(cudaMemsetAsync(dtop_out_.data(), 0, top_rows_ * HT * sizeof(floatX), gpu.stream));
+        scatter_rows(dtop_out_.data(), dhead_.data(), head_rows_.data(), scored_, HT, gpu.stream);
+        token_stack_->backward(gpu, dtop_input_.data(), dtop_out_.data(), grads.data(), params.data());
+        if (!cfg.is_block) {
+            embedding_backward(grad("gpt_neox.embed_in.weight"), dtop_input_.data(), input_buckets_, HT, gpu.stream);
+            return;
+        }
+        const int rows = B_ * (T_ / cfg.LB - 1), DB = cfg.block_decoder.C, P = cfg.P, S = cfg.token_seq_len();
+        token_input_backward_kernel<<<grid_for((size_t)rows * P * HT, 256), 256, 0, gpu.stream>>>(dprefix_.data(), dtop_input_.data(), rows, S, P, HT);
+        cudaCheckLaunch();
+        embedding_backward(grad("token_decoder.gpt_neox.embed_in.weight"), dtop_input_.data(), token_buckets_, HT, gpu.stream);
+        linear_backward(gpu, dcontext_.data(), grad("token_decoder.expansion_layer.weight"), grad("token_decoder.expansion_layer.bias"),
+                        dprefix_.data(), block_stack_->out(), param("token_decoder.expansion_layer.weight"), rows, DB, P * HT);
+        block_stack_->backward(gpu, dfirst_input_.data(), dcontext_.data(), grads.data(), params.data());
+        embedding_backward(grad("embedder.embeddings.weight"), dfirst_input_.data(), input_buckets_, cfg.DE, gpu.stream);
+    }
+
+    // One AdamW update of every trainable tensor after global-norm clipping (SPEC 3.3). Returns the norm before
+    // clipping. One host synchronisation: the norm decides the clip coefficient.
+    float update(float lr) {
+        squared_norm_partials_kernel<<<kNormBlocks, 256, 0, gpu.stream>>>(scalars_.data() + 1, grads.data(), table.num_trainable);
+        cudaCheckLaunch();
+        sum_kernel<<<1, 1024, 0, gpu.stream>>>(scalars_.data(), scalars_.data() + 1, kNormBlocks);
+        cudaCheckLaunch();
+        float squared = 0.0f;
+        cudaCheck(cudaMemcpyAsync(&squared, scalars_.data(), sizeof(float), cudaMemcpyDeviceToHost, gpu.stream));
+        cudaCheck(cudaStreamSynchronize(gpu.stream));
+        const float norm = std::sqrt(squared);
+        const float grad_scale = std::min(1.0f, kGradClip / (norm + kClipEps));
+        adam_steps++;
+        const float bias1 = 1.0f - std::pow(kAdamBeta1, (float)adam_steps), bias2 = 1.0f - std::pow(kAdamBeta2, (float)adam_steps);
+        for (const ParamTensor& t : table.tensors) {
+            if (!t.trainable) continue;
+            const size_t o = t.offset;
+            adamw_kernel<<<grid_for(t.numel, 256), 256, 0, gpu.stream>>>(params.data() + o, master.data() + o, adam_m.data() + o,
+                adam_v.data() + o, grads.data() + o, t.numel, lr, grad_scale, bias1, bias2, t.decay ? kWeightDecay : 0.0f);
+            cudaCheckLaunch();
+        }
+        return norm;
+    }
+
+    floatX* param(const std::string& name) { return params.data() + table.get(name).offset; }
+    floatX* grad(const std::string& name) {
+        const ParamTensor& t = table.get(name);
+        if (!t.trainable) throw std::runtime_error("no gradient for the untrained tensor " + name);
+        return grads.data() + t.offset;
+    }
+
+private:
+    static constexpr size_t kHeadChunkRows = 4096;   // logits of at most 4096 rows exist at once (V=50304: 0.8 GB fp32)
+    int B_, T_;
+    std::unique_ptr<GpuStack> block_stack_, token_stack_;   // vanilla: token_stack_ is the whole model
+    size_t top_rows_ = 0;   // rows of the last stack's output
+    DeviceBuffer<floatX> first_input_, dfirst_input_;   // block: (rows, DB) block embeddings and their gradient
+    DeviceBuffer<floatX> dcontext_;                     // block: (rows, DB) gradient of the block decoder's output
+    DeviceBuffer<floatX> prefix_, dprefix_;             // block: (rows, P*HT)
+    DeviceBuffer<floatX> top_input_, dtop_input_, dtop_out_;   // (top_rows, HT)
+    DeviceBuffer<floatX> head_in_, dhead_;              // (scored, HT)
+    DeviceBuffer<float> losses_, logits_;               // (scored), (chunk, V)
+    DeviceBuffer<floatX> dlogits_;                      // (chunk, V)
+    DeviceBuffer<float> scalars_;                       // [0]: a sum; [1..]: partial sums
+    DeviceInt input_ids_, input_mask_, token_ids_, token_mask_, head_rows_, head_targets_;
+    DeviceBuckets input_buckets_, token_buckets_;
+    size_t scored_ = 0;
+
+    void upload(const BatchPlan& plan) {
+        input_ids_.fill(plan.input_ids);
+        input_mask_.fill(plan.input_mask);
+        token_ids_.fill(plan.token_ids);
+        token_mask_.fill(plan.token_mask);
+        head_rows_.fill(plan.head_rows);
+        head_targets_.fill(plan.head_targets);
+        input_buckets_.fill(plan.input_buckets);
+        token_buckets_.fill(plan.token_buckets);
+        scored_ = plan.head_rows.size();
+    }
+
+    // LM head + cross-entropy over the scored rows, chunk by chunk; with gradients, dhead and embed_out's gradient.
+    float head(float grad_scale) {
+        const int HT = cfg.token_decoder.C, V = cfg.V;
+        const char* embed_out_name = cfg.is_block ? "token_decoder.embed_out.weight" : "embed_out.weight";
+        const floatX* embed_out = param(embed_out_name);
+        if (keep_logits) host_logits.resize(scored_ * V);
+        if (scored_ == 0) return 0.0f;
+        gather_rows(head_in_.data(), token_stack_->out(), head_rows_.data(), scored_, HT, gpu.stream);
+        const float dloss = grad_scale / (float)scored_;
+        for (size_t start = 0; start < scored_; start += kHeadChunkRows) {
+            const int count = (int)std::min(kHeadChunkRows, scored_ - start);
+            const floatX* h = head_in_.data() + start * HT;
+            linear_forward(gpu, logits_.data(), CUDA_R_32F, h, embed_out, nullptr, count, HT, V);
+            cross_entropy_kernel<<<count, 512, 0, gpu.stream>>>(grad_scale > 0 ? dlogits_.data() : nullptr, losses_.data() + start,
+                                                                logits_.data(), head_targets_.data() + start, V, dloss);
+            cudaCheckLaunch();
+            if (keep_logits)
+                cudaCheck(cudaMemcpyAsync(host_logits.data() + start * V, logits_.data(), (size_t)count * V * sizeof(float),
+                                          cudaMemcpyDeviceToHost, gpu.stream));
+            if (grad_scale > 0)
+                linear_backward(gpu, dhead_.data() + start * HT, grad(embed_out_name), nullptr, dlogits_.data(), h, embed_out, count, HT, V);
+        }
+        sum_kernel<<<1, 1024, 0, gpu.stream>>>(scalars_.data(), losses_.data(), scored_);
+        cudaCheckLaunch();
+        float sum = 0.0f;
+        cudaCheck(cudaMemcpyAsync(&sum, scalars_.data(), sizeof(float), cudaMemcpyDeviceToHost, gpu.stream));
+        cudaCheck(cudaStreamSynchronize(gpu.stream));
+        return sum / (float)scored_;
+    }
 };
 
 inline void print_device_info() {

@@ -190,7 +190,8 @@ struct ParamTensor {
     std::string name;            // the original checkpoint key (SPEC 6.1 / 6.2)
     std::vector<size_t> shape;   // as stored in the checkpoint: Linear weights are [out, in]
     size_t numel = 0;
-    size_t offset = 0;           // element offset in the one parameter buffer (and in grads, master, m, v)
+    size_t offset = 0;           // element offset in the one parameter buffer (and in grads, master, m, v),
+                                 // a multiple of kTensorAlignment
     bool is_embedding = false;   // a [V, width] table: excluded from the "non-embedding" count
     bool trainable = true;       // false only for the block decoder's embed_in, saved but never used (SPEC 1.3)
     bool decay = true;           // weight decay applies: every parameter in the original (SPEC 3.3)
@@ -199,7 +200,7 @@ struct ParamTensor {
 
 struct TensorTable {
     std::vector<ParamTensor> tensors;   // trainable tensors first, so gradient/optimizer buffers are a prefix
-    size_t num_params = 0;              // every tensor, as stored in a checkpoint
+    size_t num_params = 0;              // buffer length in elements: every tensor, with alignment gaps
     size_t num_trainable = 0;           // the prefix of the buffer that has gradients and optimizer state
 
     const ParamTensor* find(const std::string& name) const {
@@ -213,11 +214,18 @@ struct TensorTable {
     }
 };
 
-// Tolerances for the BF16 build (GPU gradient vs CPU reference): sums over many rows (embeddings, LayerNorm
-// parameters, biases) accumulate more bf16 rounding than a matmul's weight gradient.
-constexpr float kBf16TolMatrix = 5e-3f;
-constexpr float kBf16TolVector = 1e-2f;
-constexpr float kBf16TolEmbedding = 1e-2f;
+// Every tensor starts at a multiple of 128 elements (256 bytes in bf16), the alignment cuBLASLt's fastest
+// kernels want; the gaps are never read.
+constexpr size_t kTensorAlignment = 128;
+
+// Tolerances for the BF16 build: the norm-wise relative error of a tensor's gradient, whole GPU model vs the CPU
+// reference on the same (bf16-rounded) weights. Every activation, activation gradient and parameter gradient is
+// stored in bf16 (2^-9 relative rounding each), so errors add up along the chain: measured on the tiny configs
+// 0.5-1.4% for matrices and up to 2% for LayerNorm parameters, biases and embeddings, which sum over many rows
+// (dev/NOTES.md). Single kernels are held to 1e-2 in the GPU tests.
+constexpr float kBf16TolMatrix = 1.5e-2f;
+constexpr float kBf16TolVector = 2.5e-2f;
+constexpr float kBf16TolEmbedding = 2.5e-2f;
 
 inline void add_tensor(std::vector<ParamTensor>& list, std::string name, std::vector<size_t> shape,
                        bool is_embedding = false) {
@@ -279,8 +287,8 @@ inline TensorTable build_tensor_table(const ModelConfig& c) {
     }
     TensorTable table;
     for (ParamTensor& t : list) {
-        t.offset = table.num_params;
-        table.num_params += t.numel;
+        t.offset = (table.num_params + kTensorAlignment - 1) / kTensorAlignment * kTensorAlignment;
+        table.num_params = t.offset + t.numel;
         if (t.trainable) table.num_trainable = table.num_params;
     }
     table.tensors = std::move(list);

@@ -1,36 +1,432 @@
-// test_gpu.cu: GPU test cases (reported as skipped without a GPU). Outputs are poisoned before each check.
+// test_gpu.cu: every GPU kernel against the CPU reference (test/reference.h) on fresh random inputs, then the
+// whole model against the reference and against the PyTorch fixtures. Reported as skipped without a GPU.
+// Outputs are poisoned (all bits set: NaN in fp32 and bf16) before each run, so an unwritten element fails.
+// Tolerances (METHOD.md, norm-wise relative error): FP32 build 1e-5; BF16 build 1e-2 for kernels, and the
+// per-tensor bf16_tolerance of the tensor table for parameter gradients.
 #include <cstring>
 #include <random>
 #include "blocktf.cu"
-#include "loader.h"
-#include "test/test_util.h"
+#include "test/test_models.h"
 
-// Host-side expectation of what the device stores for x: x itself (FP32) or its bf16 rounding (BF16).
-static float expected_floatX(float x) {
-    if (std::strcmp(kPrecisionName, "FP32") == 0) return x;
-    return bf16_to_float(float_to_bf16(x));
+constexpr bool kFp32Build = std::is_same<floatX, float>::value;
+constexpr double kKernelTolerance = kFp32Build ? 1e-5 : 1e-2;
+
+static double gradient_tolerance(const ParamTensor& t) { return kFp32Build ? 1e-5 : t.bf16_tolerance; }
+
+// floatX <-> float on the host, through the bit patterns (loader.h's bf16 conversion rounds to nearest even).
+static float host_float(floatX x) {
+    if (kFp32Build) { float f; std::memcpy(&f, &x, sizeof(f)); return f; }
+    uint16_t bits;
+    std::memcpy(&bits, &x, sizeof(bits));
+    return bf16_to_float(bits);
+}
+static floatX host_floatX(float f) {
+    floatX x;
+    if (kFp32Build) std::memcpy(static_cast<void*>(&x), &f, sizeof(f));
+    else { uint16_t bits = float_to_bf16(f); std::memcpy(static_cast<void*>(&x), &bits, sizeof(bits)); }
+    return x;
+}
+static float round_to_floatX(float f) { return host_float(host_floatX(f)); }
+
+// A tensor on both sides: host values already rounded to floatX, so the reference sees exactly the GPU's inputs.
+struct TestTensor {
+    std::vector<float> host;
+    DeviceBuffer<floatX> device;
+};
+static TestTensor make_tensor(std::vector<float> values) {
+    TestTensor t;
+    std::vector<floatX> bits(values.size());
+    for (size_t i = 0; i < values.size(); i++) {
+        bits[i] = host_floatX(values[i]);
+        values[i] = host_float(bits[i]);
+    }
+    t.host = std::move(values);
+    t.device = DeviceBuffer<floatX>(t.host.size());
+    t.device.upload(bits.data(), bits.size());
+    return t;
+}
+static TestTensor random_tensor(size_t n, std::mt19937& rng, float mean = 0.0f, float stddev = 1.0f) {
+    std::normal_distribution<float> normal(mean, stddev);
+    std::vector<float> values(n);
+    for (float& v : values) v = normal(rng);
+    return make_tensor(values);
+}
+// A device array (float or floatX) as host floats.
+template <typename T>
+static std::vector<float> download(const T* device, size_t n) {
+    std::vector<T> raw(n);
+    cudaCheck(cudaMemcpy(raw.data(), device, n * sizeof(T), cudaMemcpyDeviceToHost));
+    if constexpr (std::is_same<T, float>::value) return raw;
+    std::vector<float> out(n);
+    for (size_t i = 0; i < n; i++) out[i] = host_float(raw[i]);
+    return out;
+}
+template <typename T>
+static DeviceBuffer<T> poisoned(size_t n) {
+    DeviceBuffer<T> buffer(n);
+    cudaCheck(cudaMemset(buffer.data(), 0xFF, n * sizeof(T)));
+    return buffer;
+}
+template <typename T>
+static void poison(DeviceBuffer<T>& buffer) { cudaCheck(cudaMemset(buffer.data(), 0xFF, buffer.size() * sizeof(T))); }
+
+#define CHECK_CLOSE(out, ref, n, tolerance)                                          \
+    do {                                                                             \
+        double error_ = relative_error((out).data(), (ref).data(), (n));             \
+        INFO(#out " vs " #ref ": relative error " << error_);                        \
+        CHECK(error_ < (tolerance));                                                 \
+    } while (0)
+
+// ----------------------------------------------------------------------------------------------------------------
+// Kernels, one by one.
+
+GPU_TEST_CASE("gpu: layernorm forward and backward") {
+    Gpu gpu;
+    std::mt19937 rng(1);
+    const int N = 37, C = 96;
+    TestTensor x = random_tensor(N * C, rng, 0.5f, 2.0f), w = random_tensor(C, rng, 1.0f, 0.1f), b = random_tensor(C, rng, 0.0f, 0.1f);
+    auto out = poisoned<floatX>(N * C);
+    auto mean = poisoned<float>(N), rstd = poisoned<float>(N);
+    layernorm_forward(out.data(), mean.data(), rstd.data(), x.device.data(), w.device.data(), b.device.data(), N, C, gpu.stream);
+    std::vector<float> out_ref(N * C), mean_ref(N), rstd_ref(N);
+    ref::layernorm_forward(out_ref.data(), mean_ref.data(), rstd_ref.data(), x.host.data(), w.host.data(), b.host.data(), N, C);
+    CHECK_CLOSE(download(out.data(), N * C), out_ref, N * C, kKernelTolerance);
+    CHECK_CLOSE(download(mean.data(), N), mean_ref, N, 1e-5);
+    CHECK_CLOSE(download(rstd.data(), N), rstd_ref, N, 1e-5);
+
+    // backward: parameter gradients start from non-zero values to check that they accumulate
+    TestTensor dout = random_tensor(N * C, rng), dw = random_tensor(C, rng), db = random_tensor(C, rng);
+    auto dinp = poisoned<floatX>(N * C), scratch = poisoned<floatX>(N * C);
+    layernorm_backward(gpu, dinp.data(), dw.device.data(), db.device.data(), dout.device.data(), x.device.data(),
+                       w.device.data(), mean.data(), rstd.data(), scratch.data(), N, C);
+    std::vector<float> dinp_ref(N * C), dw_ref = dw.host, db_ref = db.host;
+    ref::layernorm_backward(dinp_ref.data(), dw_ref.data(), db_ref.data(), dout.host.data(), x.host.data(), w.host.data(),
+                            mean_ref.data(), rstd_ref.data(), N, C);
+    CHECK_CLOSE(download(dinp.data(), N * C), dinp_ref, N * C, kKernelTolerance);
+    CHECK_CLOSE(download(dw.device.data(), C), dw_ref, C, kKernelTolerance);
+    CHECK_CLOSE(download(db.device.data(), C), db_ref, C, kKernelTolerance);
 }
 
-static float floatX_to_float(floatX x) { return (float)x; }
+GPU_TEST_CASE("gpu: linear forward (bias epilogue, fp32 output) and backward") {
+    Gpu gpu;
+    std::mt19937 rng(2);
+    const int N = 50, IC = 48, OC = 80;
+    TestTensor x = random_tensor(N * IC, rng), w = random_tensor(OC * IC, rng, 0.0f, 0.15f), b = random_tensor(OC, rng);
+    auto out = poisoned<floatX>(N * OC);
+    linear_forward(gpu, out.data(), x.device.data(), w.device.data(), b.device.data(), N, IC, OC);
+    std::vector<float> out_ref(N * OC);
+    ref::matmul_forward(out_ref.data(), x.host.data(), w.host.data(), b.host.data(), N, IC, OC);
+    CHECK_CLOSE(download(out.data(), N * OC), out_ref, N * OC, kKernelTolerance);
 
-GPU_TEST_CASE("gpu: parameter upload lays out the tensor table and rounds to floatX exactly") {
-    ParameterBuffer weights(config_by_name("tiny_block"));
-    std::vector<float> host(weights.table.num_params);
-    std::mt19937 rng(42);
-    std::normal_distribution<float> normal(0.0f, 1.0f);
-    for (float& x : host) x = normal(rng);
-    host[0] = 1.0f + 1.0f / 256.0f;   // a bf16 tie: rounds to even (1.0)
-    cudaCheck(cudaMemset(weights.params.data(), 0xFF, weights.table.num_params * sizeof(floatX)));   // poison: NaN
-    weights.upload(host);
+    auto out32 = poisoned<float>(N * OC);   // the LM head's form: no bias, fp32 logits
+    linear_forward(gpu, out32.data(), CUDA_R_32F, x.device.data(), w.device.data(), nullptr, N, IC, OC);
+    ref::matmul_forward(out_ref.data(), x.host.data(), w.host.data(), (const float*)nullptr, N, IC, OC);
+    CHECK_CLOSE(download(out32.data(), N * OC), out_ref, N * OC, kFp32Build ? 1e-5 : 1e-3);
 
-    std::vector<floatX> device(weights.table.num_params);
-    weights.params.download(device.data(), device.size());
-    size_t mismatches = 0;
-    for (size_t i = 0; i < host.size(); i++) mismatches += floatX_to_float(device[i]) != expected_floatX(host[i]);
-    CHECK(mismatches == 0);
+    TestTensor dout = random_tensor(N * OC, rng), dw = random_tensor(OC * IC, rng), db = random_tensor(OC, rng);
+    auto dinp = poisoned<floatX>(N * IC);
+    linear_backward(gpu, dinp.data(), dw.device.data(), db.device.data(), dout.device.data(), x.device.data(), w.device.data(), N, IC, OC);
+    std::vector<float> dinp_ref(N * IC), dw_ref = dw.host, db_ref = db.host;
+    ref::matmul_backward(dinp_ref.data(), dw_ref.data(), db_ref.data(), dout.host.data(), x.host.data(), w.host.data(), N, IC, OC);
+    CHECK_CLOSE(download(dinp.data(), N * IC), dinp_ref, N * IC, kKernelTolerance);
+    CHECK_CLOSE(download(dw.device.data(), OC * IC), dw_ref, OC * IC, kKernelTolerance);
+    CHECK_CLOSE(download(db.device.data(), OC), db_ref, OC, kKernelTolerance);
+}
 
-    const ParamTensor& expansion = weights.table.get("token_decoder.expansion_layer.weight");
-    floatX first;
-    cudaCheck(cudaMemcpy(&first, weights.tensor(expansion.name), sizeof(floatX), cudaMemcpyDeviceToHost));
-    CHECK(floatX_to_float(first) == expected_floatX(host[expansion.offset]));
+// RoPE + head split + attention, forward and backward, for one shape.
+static void check_attention(int nseq, int S, int NH, int HS, uint32_t seed) {
+    CAPTURE(nseq); CAPTURE(S); CAPTURE(NH); CAPTURE(HS);
+    Gpu gpu;
+    std::mt19937 rng(seed);
+    const int C = NH * HS, rot = HS / 4;
+    const size_t n = (size_t)nseq * S;
+    TestTensor qkv = random_tensor(n * 3 * C, rng);
+    std::vector<int> key_mask(n);
+    for (int& m : key_mask) m = rng() % 5 != 0;   // ~20% masked keys, including some first keys
+    DeviceBuffer<int> key_mask_device(n);
+    key_mask_device.upload(key_mask.data(), n);
+    std::vector<float> cos_table, sin_table;
+    make_rope_tables(cos_table, sin_table, S, rot);
+    DeviceBuffer<float> cos_device(cos_table.size()), sin_device(sin_table.size());
+    cos_device.upload(cos_table.data(), cos_table.size());
+    sin_device.upload(sin_table.data(), sin_table.size());
+
+    auto q = poisoned<floatX>(n * C), k = poisoned<floatX>(n * C), v = poisoned<floatX>(n * C), out = poisoned<floatX>(n * C);
+    AttentionScratch scratch;
+    const size_t squares = (size_t)nseq * NH * S * S;
+    scratch.scores = poisoned<float>(squares); scratch.dprobs = poisoned<float>(squares);
+    scratch.probs = poisoned<floatX>(squares); scratch.dscores = poisoned<floatX>(squares);
+    scratch.heads = poisoned<floatX>(n * C); scratch.dheads = poisoned<floatX>(n * C);
+    rope_split_heads_kernel<<<grid_for(n * C, 256), 256>>>(q.data(), k.data(), v.data(), qkv.device.data(), cos_device.data(),
+                                                           sin_device.data(), nseq, S, NH, HS, rot);
+    cudaCheckLaunch();
+    attention_forward(gpu, out.data(), q.data(), k.data(), v.data(), key_mask_device.data(), scratch, nseq, S, NH, HS);
+
+    std::vector<float> qkv_ref = qkv.host, out_ref(n * C), probs_ref(squares);
+    ref::rope_forward(qkv_ref.data(), nseq, S, NH, HS, rot);
+    ref::attention_forward(out_ref.data(), probs_ref.data(), qkv_ref.data(), key_mask.data(), nseq, S, NH, HS);
+    CHECK_CLOSE(download(out.data(), n * C), out_ref, n * C, kKernelTolerance);
+
+    TestTensor dout = random_tensor(n * C, rng);
+    auto dq = poisoned<floatX>(n * C), dk = poisoned<floatX>(n * C), dv = poisoned<floatX>(n * C), dqkv = poisoned<floatX>(n * 3 * C);
+    attention_backward(gpu, dq.data(), dk.data(), dv.data(), dout.device.data(), q.data(), k.data(), v.data(),
+                       key_mask_device.data(), scratch, nseq, S, NH, HS);
+    rope_merge_heads_backward_kernel<<<grid_for(n * C, 256), 256>>>(dqkv.data(), dq.data(), dk.data(), dv.data(), cos_device.data(),
+                                                                    sin_device.data(), nseq, S, NH, HS, rot);
+    cudaCheckLaunch();
+    std::vector<float> dqkv_ref(n * 3 * C);
+    ref::attention_backward(dqkv_ref.data(), dout.host.data(), qkv_ref.data(), probs_ref.data(), nseq, S, NH, HS);
+    ref::rope_backward(dqkv_ref.data(), nseq, S, NH, HS, rot);
+    CHECK_CLOSE(download(dqkv.data(), n * 3 * C), dqkv_ref, n * 3 * C, kKernelTolerance);
+}
+
+GPU_TEST_CASE("gpu: RoPE + attention forward and backward, token-decoder, block-decoder and long shapes") {
+    check_attention(40, 5, 2, 16, 3);     // many tiny sequences (the token decoder: P+LB-1 = 5)
+    check_attention(3, 70, 2, 32, 4);     // rows longer than a warp, masked keys
+    check_attention(1, 2048, 1, 64, 5);   // the longest sequence a Pythia config trains on
+}
+
+GPU_TEST_CASE("gpu: GELU forward and backward") {
+    std::mt19937 rng(6);
+    const size_t n = 1000;
+    TestTensor x = random_tensor(n, rng, 0.0f, 3.0f), dout = random_tensor(n, rng);
+    auto out = poisoned<floatX>(n), dinp = poisoned<floatX>(n);
+    gelu_forward(out.data(), x.device.data(), n, 0);
+    gelu_backward(dinp.data(), dout.device.data(), x.device.data(), n, 0);
+    std::vector<float> out_ref(n), dinp_ref(n);
+    ref::gelu_forward(out_ref.data(), x.host.data(), n);
+    ref::gelu_backward(dinp_ref.data(), dout.host.data(), x.host.data(), n);
+    CHECK_CLOSE(download(out.data(), n), out_ref, n, kKernelTolerance);
+    CHECK_CLOSE(download(dinp.data(), n), dinp_ref, n, kKernelTolerance);
+}
+
+GPU_TEST_CASE("gpu: fused cross-entropy (loss and gradient)") {
+    std::mt19937 rng(7);
+    const int rows = 7, V = 1001;
+    std::normal_distribution<float> normal(0.0f, 3.0f);
+    std::vector<float> logits(rows * V);
+    for (float& z : logits) z = normal(rng);
+    std::vector<int> targets(rows);
+    for (int& t : targets) t = rng() % V;
+    DeviceBuffer<float> logits_device(logits.size());
+    logits_device.upload(logits.data(), logits.size());
+    DeviceBuffer<int> targets_device(rows);
+    targets_device.upload(targets.data(), rows);
+    auto losses = poisoned<float>(rows);
+    auto dlogits = poisoned<floatX>(rows * V);
+    cross_entropy_kernel<<<rows, 512>>>(dlogits.data(), losses.data(), logits_device.data(), targets_device.data(), V, 1.0f / rows);
+    cudaCheckLaunch();
+    std::vector<char> valid(rows, 1);
+    std::vector<float> dlogits_ref(rows * V), losses_gpu = download(losses.data(), rows);
+    double mean = 0.0;
+    for (float l : losses_gpu) mean += l / rows;
+    CHECK(mean == doctest::Approx(ref::cross_entropy_forward(logits.data(), targets.data(), valid.data(), rows, V)).epsilon(1e-5));
+    ref::cross_entropy_backward(dlogits_ref.data(), logits.data(), targets.data(), valid.data(), rows, V);
+    CHECK_CLOSE(download(dlogits.data(), rows * V), dlogits_ref, rows * V, kKernelTolerance);
+}
+
+GPU_TEST_CASE("gpu: embedding gather and deterministic bucketed backward") {
+    std::mt19937 rng(8);
+    const int V = 50, C = 40, N = 300;
+    TestTensor table = random_tensor(V * C, rng), dtable = random_tensor(V * C, rng), dout = random_tensor(N * C, rng);
+    std::vector<int> ids(N), rows(N);
+    for (int q = 0; q < N; q++) {
+        ids[q] = rng() % 7 == 0 ? 3 : rng() % V;   // one id used very often
+        rows[q] = q;
+    }
+    DeviceInt ids_device;
+    ids_device.fill(ids);
+    auto out = poisoned<floatX>(N * C);
+    gather_rows(out.data(), table.device.data(), ids_device.data(), N, C, 0);
+    std::vector<float> out_ref(N * C);
+    ref::embedding_forward(out_ref.data(), ids.data(), table.host.data(), N, C);
+    CHECK_CLOSE(download(out.data(), N * C), out_ref, N * C, 1e-7);   // a copy: exact
+
+    DeviceBuckets buckets;
+    buckets.fill(make_buckets(ids, rows));
+    embedding_backward(dtable.device.data(), dout.device.data(), buckets, C, 0);
+    std::vector<float> first = download(dtable.device.data(), V * C);
+    std::vector<float> dtable_ref = dtable.host;
+    ref::embedding_backward(dtable_ref.data(), dout.host.data(), ids.data(), N, C);
+    CHECK_CLOSE(first, dtable_ref, V * C, kKernelTolerance);
+    // determinism: the same sums again give bit-identical results
+    dtable.device.upload(std::vector<floatX>(V * C, host_floatX(0.0f)).data(), V * C);
+    embedding_backward(dtable.device.data(), dout.device.data(), buckets, C, 0);
+    std::vector<float> second = download(dtable.device.data(), V * C);
+    dtable.device.upload(std::vector<floatX>(V * C, host_floatX(0.0f)).data(), V * C);
+    embedding_backward(dtable.device.data(), dout.device.data(), buckets, C, 0);
+    CHECK(download(dtable.device.data(), V * C) == second);
+}
+
+// ----------------------------------------------------------------------------------------------------------------
+// The whole model.
+
+// Reference weights rounded to floatX, so both sides start from identical parameters.
+template <typename Real>
+static std::vector<float> rounded_params(Reference<Real>& model) {
+    std::vector<float> host(model.params.begin(), model.params.end());
+    for (float& x : host) x = round_to_floatX(x);
+    std::copy(host.begin(), host.end(), model.params.begin());
+    return host;
+}
+
+// GPU logits of the scored rows, in the reference's layout (block: (rows, LB) slots; vanilla: (B, T) positions).
+static std::vector<float> reference_logits_of_scored_rows(const Reference<float>& model, const Batch& batch) {
+    const ModelConfig& c = model.cfg;
+    std::vector<float> out;
+    auto take = [&](size_t row) { out.insert(out.end(), model.logits.begin() + row * c.V, model.logits.begin() + (row + 1) * c.V); };
+    if (c.is_block) {
+        const int NB = batch.T / c.LB;
+        for (int b = 0; b < batch.B; b++)
+            for (int k = 1; k < NB; k++)
+                for (int j = 0; j < c.LB; j++)
+                    if (batch.mask[(size_t)b * batch.T + k * c.LB + j]) take(((size_t)b * (NB - 1) + k - 1) * c.LB + j);
+    } else {
+        for (int b = 0; b < batch.B; b++)
+            for (int t = 0; t + 1 < batch.T; t++)
+                if (batch.mask[(size_t)b * batch.T + t + 1]) take((size_t)b * batch.T + t);
+    }
+    return out;
+}
+
+// Loss, logits, every gradient and three AdamW updates of the GPU model against the CPU reference: after each
+// update both sides must still compute the same loss. (Weights are not compared after updates: Adam's
+// m / sqrt(v) turns rounding noise in near-zero gradients into full-size steps; the AdamW kernel is checked alone.)
+static void check_model_against_reference(const char* config_name, const Batch& batch) {
+    Reference<float> reference(config_by_name(config_name));
+    randomize_params(reference, 11);
+    std::vector<float> host = rounded_params(reference);
+    GpuModel model(reference.cfg, batch.B, batch.T);
+    model.load_parameters(host);
+    model.keep_logits = true;
+    BatchPlan plan = plan_batch(model.cfg, batch.B, batch.T, batch.ids, batch.mask);
+    ref::AdamW<float> reference_adamw(reference.table);
+    for (int step = 0; step < 3; step++) {
+        CAPTURE(step);
+        cudaCheck(cudaMemset(model.grads.data(), 0xFF, model.grads.size() * sizeof(floatX)));   // zero_grad must overwrite
+        model.zero_grad();
+        float loss = model.forward(plan, 1.0f);
+        model.backward();
+        reference.zero_grad();
+        double loss_ref = reference.forward(batch);
+        reference.backward();
+        CHECK(std::fabs(loss - loss_ref) / loss_ref < kKernelTolerance);
+        if (step == 0) {
+            std::vector<float> logits_ref = reference_logits_of_scored_rows(reference, batch);
+            REQUIRE(model.host_logits.size() == logits_ref.size());
+            CHECK_CLOSE(model.host_logits, logits_ref, logits_ref.size(), kKernelTolerance);
+            std::vector<float> grads = download(model.grads.data(), model.table.num_trainable);
+            double worst = 0.0;
+            for (const ParamTensor& t : model.table.tensors) {
+                if (!t.trainable) continue;
+                CAPTURE(t.name);
+                double error = relative_error(grads.data() + t.offset, reference.grads.data() + t.offset, t.numel);
+                worst = std::max(worst, error);
+                CHECK(error < gradient_tolerance(t));
+            }
+            MESSAGE(std::string(config_name) << " GPU vs CPU reference (" << std::string(kPrecisionName)
+                                             << "): worst gradient error " << worst);
+        }
+        float norm = model.update(1e-3f);
+        double norm_ref = reference_adamw.step(reference.params, reference.grads, reference.table, 1e-3f);
+        CHECK(std::fabs(norm - norm_ref) / norm_ref < kKernelTolerance);
+    }
+}
+
+GPU_TEST_CASE("gpu: AdamW with clipping matches the reference on identical gradients") {
+    Reference<float> reference(config_by_name("tiny_vanilla"));
+    randomize_params(reference, 12);
+    GpuModel model(reference.cfg, 1, 16);
+    model.load_parameters(std::vector<float>(reference.params.begin(), reference.params.end()));
+    ref::AdamW<float> reference_adamw(reference.table);
+    std::mt19937 rng(13);
+    for (int step = 0; step < 3; step++) {
+        CAPTURE(step);
+        // gradients large enough to be clipped on the first step, small enough not to be on the later ones
+        TestTensor grads = random_tensor(model.table.num_trainable, rng, 0.0f, step == 0 ? 0.1f : 1e-4f);
+        cudaCheck(cudaMemcpy(model.grads.data(), grads.device.data(), grads.host.size() * sizeof(floatX), cudaMemcpyDeviceToDevice));
+        std::copy(grads.host.begin(), grads.host.end(), reference.grads.begin());
+        float norm = model.update(1e-3f);
+        double norm_ref = reference_adamw.step(reference.params, reference.grads, reference.table, 1e-3f);
+        CHECK(norm == doctest::Approx(norm_ref).epsilon(1e-5));
+    }
+    std::vector<float> master = download(model.master.data(), model.table.num_params);
+    std::vector<float> m = download(model.adam_m.data(), model.table.num_trainable);
+    std::vector<float> v = download(model.adam_v.data(), model.table.num_trainable);
+    for (const ParamTensor& t : model.table.tensors) {
+        CAPTURE(t.name);
+        CHECK(relative_error(master.data() + t.offset, reference.params.data() + t.offset, t.numel) < 1e-6);
+        if (!t.trainable) continue;
+        CHECK(relative_error(m.data() + t.offset, reference_adamw.m.data() + t.offset, t.numel) < 1e-6);
+        CHECK(relative_error(v.data() + t.offset, reference_adamw.v.data() + t.offset, t.numel) < 1e-6);
+    }
+}
+
+GPU_TEST_CASE("gpu: tiny_block model (loss, logits, every gradient, AdamW) matches the CPU reference") {
+    check_model_against_reference("tiny_block", block_test_batch(21));
+}
+
+GPU_TEST_CASE("gpu: tiny_vanilla model (loss, logits, every gradient, AdamW) matches the CPU reference") {
+    check_model_against_reference("tiny_vanilla", vanilla_test_batch(22));
+}
+
+// The PyTorch fixtures: logits, loss, every gradient and the 10 AdamW step losses of dev/make_fixtures.py.
+static void check_model_against_fixture(const char* config_name, const Batch& batch) {
+    SafetensorsFile golden = SafetensorsFile::open(fixture_path(std::string(config_name) + ".golden.safetensors"));
+    SafetensorsFile weights = SafetensorsFile::open(fixture_path(std::string(config_name) + ".model.safetensors"));
+    ModelConfig config = config_by_name(config_name);
+    GpuModel model(config, batch.B, batch.T);
+    model.load_parameters(read_params_by_table(weights, model.table));
+    model.keep_logits = true;
+    BatchPlan plan = plan_batch(config, batch.B, batch.T, batch.ids, batch.mask);
+
+    model.zero_grad();
+    float loss = model.forward(plan, 1.0f);
+    model.backward();
+    CHECK(std::fabs(loss - golden.read_f32("loss")[0]) / golden.read_f32("loss")[0] < kKernelTolerance);
+    std::vector<float> grads = download(model.grads.data(), model.table.num_trainable);
+    double worst_grad = 0.0, worst_step = 0.0;
+    for (const ParamTensor& t : model.table.tensors) {
+        if (!t.trainable) continue;
+        CAPTURE(t.name);
+        std::vector<float> ref_grad = golden.read_f32("grad." + t.name);
+        double error = relative_error(grads.data() + t.offset, ref_grad.data(), t.numel);
+        worst_grad = std::max(worst_grad, error);
+        CHECK(error < gradient_tolerance(t));
+    }
+    const float lr = std::stof(golden.metadata().at("lr"));
+    std::vector<float> step_losses = golden.read_f32("step_losses");
+    model.update(lr);
+    for (int step = 1; step < 10; step++) {
+        CAPTURE(step);
+        model.zero_grad();
+        float step_loss = model.forward(plan, 1.0f);
+        model.backward();
+        model.update(lr);
+        double error = std::fabs(step_loss - step_losses[step]) / step_losses[step];
+        worst_step = std::max(worst_step, error);
+        CHECK(error < kKernelTolerance);
+    }
+    MESSAGE(std::string(config_name) << " GPU (" << std::string(kPrecisionName) << ") vs PyTorch fixture: worst gradient "
+                                     << worst_grad << ", worst of 10 step losses " << worst_step);
+}
+
+GPU_TEST_CASE("gpu: tiny_block matches the PyTorch fixture (loss, gradients, 10 AdamW steps)") {
+    SafetensorsFile golden = SafetensorsFile::open(fixture_path("tiny_block.golden.safetensors"));
+    Batch batch;
+    batch.B = 2;
+    batch.T = 32;
+    batch.ids = golden.read_i32("input_ids");
+    batch.mask = golden.read_i32("attention_mask");
+    check_model_against_fixture("tiny_block", batch);
+}
+
+GPU_TEST_CASE("gpu: tiny_vanilla matches the PyTorch fixture (loss, gradients, 10 AdamW steps)") {
+    SafetensorsFile golden = SafetensorsFile::open(fixture_path("tiny_vanilla.golden.safetensors"));
+    Batch batch;
+    batch.B = 2;
+    batch.T = 16;
+    batch.ids = golden.read_i32("input_ids");
+    for (int32_t label : golden.read_i32("labels")) batch.mask.push_back(label != -100);
+    check_model_against_fixture("tiny_vanilla", batch);
 }
