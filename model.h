@@ -324,3 +324,28 @@ inline float learning_rate(int step, float peak_lr, int warmup, int total_steps)
     double cosine = 0.5 * (1.0 + std::cos(M_PI * progress));
     return (float)(peak_lr * (kMinLrRatio + (1.0 - kMinLrRatio) * cosine));
 }
+
+// ----------------------------------------------------------------------------------------------------------------
+// Model FLOPs, counted for the real architecture (not 6N): what MFU is measured against.
+// A GPT-NeoX layer of width C and MLP width I over S positions: the matmuls cost 2 S (3C·C + C·C + 2 C·I), and
+// causal attention 4 C · S(S+1)/2 (q·k and probs·v over the visible keys of every query, all heads together).
+inline double stack_forward_flops(const StackConfig& s, double sequences, double S) {
+    double matmuls = 2.0 * S * (4.0 * s.C * s.C + 2.0 * s.C * s.I);
+    double attention = 4.0 * s.C * S * (S + 1) / 2;
+    return sequences * s.L * (matmuls + attention);
+}
+
+// One training sequence of T tokens: forward + backward = 3 x forward (the backward's recomputation of the
+// attention scores is not counted). Block model: block decoder over NB-1 context blocks, expansion, token decoder
+// over NB-1 rows of P+LB-1 positions, LM head on LB slots per row. Vanilla: the stack over T, the head on T-1.
+inline double training_flops_per_sequence(const ModelConfig& c) {
+    double forward;
+    if (c.is_block) {
+        const double rows = c.NB() - 1, HT = c.token_decoder.C;
+        forward = stack_forward_flops(c.block_decoder, 1, rows) + rows * 2.0 * c.block_decoder.C * c.P * HT +
+                  stack_forward_flops(c.token_decoder, rows, c.token_seq_len()) + rows * c.LB * 2.0 * HT * c.V;
+    } else {
+        forward = stack_forward_flops(c.token_decoder, 1, c.T) + (c.T - 1) * 2.0 * c.token_decoder.C * c.V;
+    }
+    return 3.0 * forward;
+}

@@ -371,6 +371,9 @@ GPU_TEST_CASE("gpu: tiny_vanilla model (loss, logits, every gradient, AdamW) mat
 }
 
 // The PyTorch fixtures: logits, loss, every gradient and the 10 AdamW step losses of dev/make_fixtures.py.
+// The fixture's weights are fp32; the BF16 build rounds them to bf16, which alone moves the gradients by ~0.5%
+// (measured on the H200: worst 2.0e-2 here vs 1.4e-2 against the reference on identical bf16 weights).
+constexpr double kWeightRoundingTolerance = kFp32Build ? 0.0 : 1e-2;
 static void check_model_against_fixture(const char* config_name, const Batch& batch) {
     SafetensorsFile golden = SafetensorsFile::open(fixture_path(std::string(config_name) + ".golden.safetensors"));
     SafetensorsFile weights = SafetensorsFile::open(fixture_path(std::string(config_name) + ".model.safetensors"));
@@ -392,7 +395,7 @@ static void check_model_against_fixture(const char* config_name, const Batch& ba
         std::vector<float> ref_grad = golden.read_f32("grad." + t.name);
         double error = relative_error(grads.data() + t.offset, ref_grad.data(), t.numel);
         worst_grad = std::max(worst_grad, error);
-        CHECK(error < gradient_tolerance(t));
+        CHECK(error < gradient_tolerance(t) + kWeightRoundingTolerance);
     }
     const float lr = std::stof(golden.metadata().at("lr"));
     std::vector<float> step_losses = golden.read_f32("step_losses");

@@ -113,3 +113,14 @@ TEST_CASE("model: learning-rate schedule, warmup then cosine to 10% (SPEC 3.4)")
     CHECK(learning_rate(109, 1e-3f, 10, 110) == doctest::Approx(1e-4));    // last update at 10% of peak
     CHECK(learning_rate(500, 1e-3f, 10, 110) == doctest::Approx(1e-4));    // stays there past the end
 }
+
+TEST_CASE("model: training FLOPs count the real architecture") {
+    // tiny_vanilla (C 32, I 96, 2 layers, T 16, V 96), by hand: per layer 2*16*(4*32*32 + 2*32*96) = 327680 matmul
+    // and 4*32*16*17/2 = 17408 attention; head 15*2*32*96 = 92160; forward 2*(327680+17408) + 92160 = 782336.
+    CHECK(training_flops_per_sequence(config_by_name("tiny_vanilla")) == 3.0 * 782336);
+    // tiny_block: block decoder (C 48, I 192, 2 layers) over 7 blocks: 2*(2*7*(4*48*48 + 2*48*192) + 4*48*7*8/2)
+    // = 2*(387072 + 5376) = 784896; expansion 7*2*48*2*32 = 43008; token decoder (C 32, I 128, 2 layers) over
+    // 7 rows of 5 positions: 7*2*(2*5*(4*32*32 + 2*32*128) + 4*32*5*6/2) = 7*2*(122880 + 1920) = 1747200;
+    // head 7*4*2*32*96 = 172032.
+    CHECK(training_flops_per_sequence(config_by_name("tiny_block")) == 3.0 * (784896 + 43008 + 1747200 + 172032));
+}
