@@ -9,6 +9,9 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <iterator>
 #include <map>
 #include <memory>
 #include <stdexcept>
@@ -19,6 +22,7 @@
 #include <cublas_v2.h>
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
+#include "loader.h"   // defines: JSON, safetensors reading and writing, bf16 conversion
 #include "model.h"
 
 // ----------------------------------------------------------------------------------------------------------------
@@ -1002,6 +1006,13 @@ inline void embedding_backward(floatX* dtable, const floatX* dsrc, const DeviceB
     cudaCheckLaunch();
 }
 
+// AdamW hyperparameters that a run may change (SPEC 3.3 defaults); betas and eps stay those of model.h.
+struct AdamWSettings {
+    float lr = 0.0f;
+    float weight_decay = kWeightDecay;
+    float clip = kGradClip;
+};
+
 // ----------------------------------------------------------------------------------------------------------------
 // The model on one GPU: one buffer per role, laid out by the tensor table (SPEC section 10.5 numerics):
 //   params (floatX, what kernels read), master (fp32), grads (floatX, trainable prefix), adam_m, adam_v (fp32).
@@ -1109,9 +1120,9 @@ public:
         embedding_backward(grad("embedder.embeddings.weight"), dfirst_input_.data(), input_buckets_, cfg.DE, gpu.stream);
     }
 
-    // One AdamW update of every trainable tensor after global-norm clipping (SPEC 3.3). Returns the norm before
-    // clipping. One host synchronisation: the norm decides the clip coefficient.
-    float update(float lr) {
+    // Global L2 norm of the gradients (deterministic; one host synchronisation, since the norm decides the clip
+    // coefficient and whether the step is finite).
+    float grad_norm() {
         squared_norm_partials_kernel<<<kNormBlocks, 256, 0, gpu.stream>>>(scalars_.data() + 1, grads.data(), table.num_trainable);
         cudaCheckLaunch();
         sum_kernel<<<1, 1024, 0, gpu.stream>>>(scalars_.data(), scalars_.data() + 1, kNormBlocks);
@@ -1119,17 +1130,28 @@ public:
         float squared = 0.0f;
         cudaCheck(cudaMemcpyAsync(&squared, scalars_.data(), sizeof(float), cudaMemcpyDeviceToHost, gpu.stream));
         cudaCheck(cudaStreamSynchronize(gpu.stream));
-        const float norm = std::sqrt(squared);
-        const float grad_scale = std::min(1.0f, kGradClip / (norm + kClipEps));
+        return std::sqrt(squared);
+    }
+
+    // One AdamW update of every trainable tensor (SPEC 3.3), the gradients scaled by min(1, clip / (norm + 1e-6)).
+    void adamw_step(float norm, const AdamWSettings& settings) {
+        const float grad_scale = std::min(1.0f, settings.clip / (norm + kClipEps));
         adam_steps++;
         const float bias1 = 1.0f - std::pow(kAdamBeta1, (float)adam_steps), bias2 = 1.0f - std::pow(kAdamBeta2, (float)adam_steps);
         for (const ParamTensor& t : table.tensors) {
             if (!t.trainable) continue;
             const size_t o = t.offset;
             adamw_kernel<<<grid_for(t.numel, 256), 256, 0, gpu.stream>>>(params.data() + o, master.data() + o, adam_m.data() + o,
-                adam_v.data() + o, grads.data() + o, t.numel, lr, grad_scale, bias1, bias2, t.decay ? kWeightDecay : 0.0f);
+                adam_v.data() + o, grads.data() + o, t.numel, settings.lr, grad_scale, bias1, bias2,
+                t.decay ? settings.weight_decay : 0.0f);
             cudaCheckLaunch();
         }
+    }
+
+    // grad_norm + adamw_step with the original settings; returns the norm before clipping.
+    float update(float lr) {
+        const float norm = grad_norm();
+        adamw_step(norm, AdamWSettings{lr});
         return norm;
     }
 
@@ -1199,6 +1221,196 @@ private:
         return sum / (float)scored_;
     }
 };
+
+// ----------------------------------------------------------------------------------------------------------------
+// Checkpoints (SPEC section 10.1). A checkpoint is a directory:
+//   model.safetensors      every tensor of the table under its original key, bf16 (what the PyTorch code loads)
+//   config.json            the model shape
+//   optimizer.safetensors  fp32 master weights and AdamW moments, flat as the table lays them out; its metadata
+//                          holds the step, the AdamW step count and the caller's resume state (data position, ...)
+// It is written as DIR.tmp and renamed to DIR when complete: a crash never leaves a half-written DIR.
+
+inline std::string config_to_json(const ModelConfig& c) {
+    auto stack = [](const StackConfig& s) {
+        return "{\"layers\": " + std::to_string(s.L) + ", \"hidden\": " + std::to_string(s.C) + ", \"heads\": " +
+               std::to_string(s.NH) + ", \"intermediate\": " + std::to_string(s.I) + "}";
+    };
+    std::string json = "{\n  \"blocktf_config\": " + loader_detail::json_quote(c.name) + ",\n  \"model_type\": \"" +
+                       (c.is_block ? "block_transformer" : "gpt_neox") + "\",\n  \"vocab_size\": " + std::to_string(c.V) +
+                       ",\n  \"seq_len\": " + std::to_string(c.T) + ",\n";
+    if (c.is_block)
+        json += "  \"block_length\": " + std::to_string(c.LB) + ",\n  \"prefix_length\": " + std::to_string(c.P) +
+                ",\n  \"embedder_width\": " + std::to_string(c.DE) + ",\n  \"block_decoder\": " + stack(c.block_decoder) + ",\n";
+    json += "  \"token_decoder\": " + stack(c.token_decoder) + "\n}\n";
+    return json;
+}
+
+inline ModelConfig config_from_json(const JsonValue& json, const std::string& where) {
+    auto number = [&](const JsonValue& object, const char* key) {
+        const JsonValue* v = object.find(key);
+        if (!v || v->type != JsonValue::Type::Number || v->number != (int)v->number || v->number <= 0)
+            throw std::runtime_error(where + ": \"" + key + "\" must be a positive integer");
+        return (int)v->number;
+    };
+    auto stack = [&](const char* key) {
+        const JsonValue* s = json.find(key);
+        if (!s || s->type != JsonValue::Type::Object) throw std::runtime_error(where + ": \"" + key + "\" must be an object");
+        return StackConfig{number(*s, "layers"), number(*s, "hidden"), number(*s, "heads"), number(*s, "intermediate")};
+    };
+    const JsonValue* name = json.find("blocktf_config");
+    const JsonValue* type = json.find("model_type");
+    if (!type || type->type != JsonValue::Type::String || (type->string != "block_transformer" && type->string != "gpt_neox"))
+        throw std::runtime_error(where + ": \"model_type\" must be \"block_transformer\" or \"gpt_neox\"");
+    ModelConfig c;
+    c.name = name && name->type == JsonValue::Type::String ? name->string : "checkpoint";
+    c.is_block = type->string == "block_transformer";
+    c.V = number(json, "vocab_size");
+    c.T = number(json, "seq_len");
+    if (c.is_block) {
+        c.LB = number(json, "block_length");
+        c.P = number(json, "prefix_length");
+        c.DE = number(json, "embedder_width");
+        c.block_decoder = stack("block_decoder");
+    }
+    c.token_decoder = stack("token_decoder");
+    // training defaults of the named config of the same name, if there is one
+    for (const ModelConfig& named : named_configs())
+        if (named.name == c.name) c.train = named.train;
+    validate_config(c);
+    return c;
+}
+
+inline std::string read_text_file(const std::string& path) {
+    std::ifstream file(path, std::ios::binary);
+    if (!file) throw std::runtime_error("cannot open " + path);
+    return std::string(std::istreambuf_iterator<char>(file), std::istreambuf_iterator<char>());
+}
+
+inline void write_text_file_atomically(const std::string& path, const std::string& text) {
+    const std::string temporary = path + ".tmp";
+    {
+        std::ofstream file(temporary, std::ios::binary | std::ios::trunc);
+        file << text;
+        if (!file.flush()) throw std::runtime_error("cannot write " + temporary);
+    }
+    std::filesystem::rename(temporary, path);
+}
+
+inline ModelConfig read_checkpoint_config(const std::string& dir) {
+    const std::string path = dir + "/config.json";
+    return config_from_json(parse_json(read_text_file(path)), path);
+}
+
+struct CheckpointState {
+    long step = 0;                                  // optimizer updates done
+    std::map<std::string, std::string> resume;      // the trainer's state: data position, options, ...
+};
+
+inline void save_checkpoint(GpuModel& model, const std::string& dir, const CheckpointState& state) {
+    namespace fs = std::filesystem;
+    const TensorTable& table = model.table;
+    std::vector<float> master(table.num_params), m(table.num_trainable), v(table.num_trainable);
+    model.master.download(master.data(), master.size());
+    model.adam_m.download(m.data(), m.size());
+    model.adam_v.download(v.data(), v.size());
+    std::vector<uint16_t> weights(table.num_params);
+    for (size_t i = 0; i < weights.size(); i++) weights[i] = float_to_bf16(master[i]);
+
+    const std::string temporary = dir + ".tmp";
+    fs::remove_all(temporary);
+    fs::create_directories(temporary);
+    std::vector<TensorToWrite> tensors;
+    for (const ParamTensor& t : table.tensors)
+        tensors.push_back({t.name, DType::BF16, std::vector<int64_t>(t.shape.begin(), t.shape.end()), weights.data() + t.offset});
+    write_safetensors(temporary + "/model.safetensors", tensors, {{"format", "pt"}});
+    write_text_file_atomically(temporary + "/config.json", config_to_json(model.cfg));
+    std::map<std::string, std::string> metadata = state.resume;
+    metadata["step"] = std::to_string(state.step);
+    metadata["adam_steps"] = std::to_string(model.adam_steps);
+    metadata["precision"] = kPrecisionName;
+    write_safetensors(temporary + "/optimizer.safetensors",
+                      {{"master", DType::F32, {(int64_t)master.size()}, master.data()},
+                       {"adam_m", DType::F32, {(int64_t)m.size()}, m.data()},
+                       {"adam_v", DType::F32, {(int64_t)v.size()}, v.data()}},
+                      metadata);
+    if (fs::exists(dir)) {   // re-saving a step: swap the old one out only once the new one is complete
+        fs::remove_all(dir + ".old");
+        fs::rename(dir, dir + ".old");
+        fs::rename(temporary, dir);
+        fs::remove_all(dir + ".old");
+    } else {
+        fs::rename(temporary, dir);
+    }
+}
+
+// The weights of a checkpoint (every tensor of the model's table, by name and shape) as fp32, laid out by the table.
+inline std::vector<float> read_checkpoint_weights(const SafetensorsFile& file, const TensorTable& table) {
+    std::vector<float> host(table.num_params, 0.0f);
+    std::string problems;
+    for (const ParamTensor& t : table.tensors) {
+        const SafeTensor* stored = file.find(t.name);
+        if (!stored) {
+            problems += "\n  missing tensor " + t.name;
+            continue;
+        }
+        if (std::vector<size_t>(stored->shape.begin(), stored->shape.end()) != t.shape) {
+            problems += "\n  tensor " + t.name + " has shape " + loader_detail::format_shape(stored->shape) + ", the config needs " +
+                        loader_detail::format_shape(std::vector<int64_t>(t.shape.begin(), t.shape.end()));
+            continue;
+        }
+        std::vector<float> values = file.read_f32(t.name);
+        std::copy(values.begin(), values.end(), host.begin() + t.offset);
+    }
+    for (const SafeTensor& stored : file.tensors())
+        if (!table.find(stored.name)) problems += "\n  unexpected tensor " + stored.name;
+    if (!problems.empty()) throw std::runtime_error(file.path() + " does not fit the model:" + problems);
+    return host;
+}
+
+// Loads a checkpoint's weights, and with with_optimizer its exact fp32 master weights and AdamW state too.
+inline CheckpointState load_checkpoint(GpuModel& model, const std::string& dir, bool with_optimizer) {
+    const TensorTable& table = model.table;
+    CheckpointState state;
+    if (!with_optimizer) {
+        model.load_parameters(read_checkpoint_weights(SafetensorsFile::open(dir + "/model.safetensors"), table));
+        return state;
+    }
+    SafetensorsFile optimizer = SafetensorsFile::open(dir + "/optimizer.safetensors");
+    std::vector<float> master = optimizer.read_f32("master"), m = optimizer.read_f32("adam_m"), v = optimizer.read_f32("adam_v");
+    if (master.size() != table.num_params || m.size() != table.num_trainable || v.size() != table.num_trainable)
+        throw std::runtime_error(optimizer.path() + ": optimizer state has the wrong size for this model");
+    model.load_parameters(master);
+    model.adam_m.upload(m.data(), m.size());
+    model.adam_v.upload(v.data(), v.size());
+    state.resume = optimizer.metadata();
+    auto integer = [&](const char* key) {
+        auto it = state.resume.find(key);
+        if (it == state.resume.end()) throw std::runtime_error(optimizer.path() + ": metadata lacks \"" + key + "\"");
+        return std::stol(it->second);
+    };
+    state.step = integer("step");
+    model.adam_steps = (int)integer("adam_steps");
+    return state;
+}
+
+// The newest complete checkpoint-<step> directory under out_dir, or "" when there is none.
+inline std::string latest_checkpoint(const std::string& out_dir) {
+    namespace fs = std::filesystem;
+    std::string best;
+    long best_step = -1;
+    if (!fs::is_directory(out_dir)) return best;
+    for (const fs::directory_entry& entry : fs::directory_iterator(out_dir)) {
+        const std::string name = entry.path().filename().string();
+        if (name.rfind("checkpoint-", 0) != 0 || name.find('.') != std::string::npos) continue;
+        char* end = nullptr;
+        long step = std::strtol(name.c_str() + 11, &end, 10);
+        if (*end != '\0' || step <= best_step) continue;
+        if (!fs::exists(entry.path() / "model.safetensors") || !fs::exists(entry.path() / "optimizer.safetensors")) continue;
+        best_step = step;
+        best = entry.path().string();
+    }
+    return best;
+}
 
 inline void print_device_info() {
     int device = 0;

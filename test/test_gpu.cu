@@ -5,6 +5,7 @@
 // per-tensor bf16_tolerance of the tensor table for parameter gradients.
 #include <cstring>
 #include <random>
+#include <unistd.h>
 #include "blocktf.cu"
 #include "test/test_models.h"
 
@@ -432,4 +433,77 @@ GPU_TEST_CASE("gpu: tiny_vanilla matches the PyTorch fixture (loss, gradients, 1
     batch.ids = golden.read_i32("input_ids");
     for (int32_t label : golden.read_i32("labels")) batch.mask.push_back(label != -100);
     check_model_against_fixture("tiny_vanilla", batch);
+}
+
+// ----------------------------------------------------------------------------------------------------------------
+// Checkpoints.
+
+TEST_CASE("checkpoint: config.json round trip for every named config, and clear errors") {
+    for (const ModelConfig& c : named_configs()) {
+        CAPTURE(c.name);
+        ModelConfig back = config_from_json(parse_json(config_to_json(c)), "config.json");
+        CHECK(back.name == c.name);
+        CHECK(back.is_block == c.is_block);
+        CHECK(build_tensor_table(back).num_params == build_tensor_table(c).num_params);
+        CHECK(back.token_decoder.NH == c.token_decoder.NH);
+        CHECK(back.DE == c.DE);
+    }
+    CHECK_THROWS_WITH_AS(config_from_json(parse_json("{\"model_type\": \"gpt_neox\", \"vocab_size\": 96}"), "x/config.json"),
+                         doctest::Contains("x/config.json: \"seq_len\" must be a positive integer"), std::runtime_error);
+    CHECK_THROWS_WITH_AS(config_from_json(parse_json("{\"model_type\": \"llama\"}"), "c.json"),
+                         doctest::Contains("\"model_type\" must be"), std::runtime_error);
+}
+
+GPU_TEST_CASE("gpu: a run saved and resumed gives bit-identical losses and weights") {
+    namespace fs = std::filesystem;
+    const ModelConfig config = config_by_name("tiny_block");
+    Reference<float> init(config);
+    randomize_params(init, 31);
+    const std::vector<float> weights(init.params.begin(), init.params.end());
+    std::vector<BatchPlan> plans;
+    for (int k = 0; k < 6; k++) {
+        Batch batch = block_test_batch(100 + k);
+        plans.push_back(plan_batch(config, batch.B, batch.T, batch.ids, batch.mask));
+    }
+    auto train_steps = [&](GpuModel& model, int first, int last) {
+        std::vector<float> losses;
+        for (int step = first; step < last; step++) {
+            model.zero_grad();
+            losses.push_back(model.forward(plans[step], 1.0f));
+            model.backward();
+            model.update(learning_rate(step, 1e-3f, 2, 6));
+        }
+        return losses;
+    };
+    GpuModel uninterrupted(config, 2, 32);
+    uninterrupted.load_parameters(weights);
+    std::vector<float> expected = train_steps(uninterrupted, 0, 6);
+
+    const std::string dir = (fs::temp_directory_path() / ("blocktf_resume_" + std::to_string(getpid()))).string();
+    fs::remove_all(dir);
+    {
+        GpuModel first_half(config, 2, 32);
+        first_half.load_parameters(weights);
+        std::vector<float> losses = train_steps(first_half, 0, 3);
+        CHECK(std::memcmp(losses.data(), expected.data(), 3 * sizeof(float)) == 0);
+        save_checkpoint(first_half, dir + "/checkpoint-3", CheckpointState{3, {{"data_position", "42"}}});
+    }
+    CHECK(latest_checkpoint(dir) == dir + "/checkpoint-3");
+    CHECK(read_checkpoint_config(dir + "/checkpoint-3").name == "tiny_block");
+    GpuModel resumed(config, 2, 32);
+    CheckpointState state = load_checkpoint(resumed, dir + "/checkpoint-3", true);
+    CHECK(state.step == 3);
+    CHECK(state.resume.at("data_position") == "42");
+    std::vector<float> losses = train_steps(resumed, 3, 6);
+    CHECK(std::memcmp(losses.data(), expected.data() + 3, 3 * sizeof(float)) == 0);
+    std::vector<float> a = download(uninterrupted.master.data(), uninterrupted.table.num_params);
+    std::vector<float> b = download(resumed.master.data(), resumed.table.num_params);
+    CHECK(std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0);
+
+    // the exported weights: every table tensor under its original key, bf16
+    SafetensorsFile exported = SafetensorsFile::open(dir + "/checkpoint-3/model.safetensors");
+    CHECK(exported.tensors().size() == resumed.table.tensors.size());
+    CHECK(exported.get("token_decoder.expansion_layer.weight").dtype == DType::BF16);
+    CHECK(exported.metadata().at("format") == "pt");
+    fs::remove_all(dir);
 }
