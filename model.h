@@ -349,3 +349,51 @@ inline double training_flops_per_sequence(const ModelConfig& c) {
     }
     return 3.0 * forward;
 }
+
+// ----------------------------------------------------------------------------------------------------------------
+// The shape of a released Block Transformer checkpoint, which has no config (SPEC 6.1 recipe): widths from the
+// tables, layer counts from the highest layer index, MLP widths from dense_h_to_4h, prefix length from the
+// expansion layer, heads from the autofill rule (not stored anywhere), block length = D_b / D_e.
+// shapes: every tensor's name and shape. Throws naming the tensor that is missing or inconsistent.
+inline ModelConfig infer_block_config(const std::vector<std::pair<std::string, std::vector<size_t>>>& shapes) {
+    auto shape_of = [&](const std::string& name) -> const std::vector<size_t>& {
+        for (const auto& entry : shapes) if (entry.first == name) return entry.second;
+        throw std::runtime_error("cannot infer the model shape: tensor " + name + " is missing");
+    };
+    auto dim = [&](const std::string& name, size_t rank, size_t axis) {
+        const std::vector<size_t>& s = shape_of(name);
+        if (s.size() != rank) throw std::runtime_error("cannot infer the model shape: tensor " + name + " should have " + std::to_string(rank) + " dims");
+        return (int)s[axis];
+    };
+    auto layers = [&](const std::string& prefix) {
+        int count = 0;
+        for (const auto& entry : shapes) {
+            if (entry.first.rfind(prefix, 0) != 0) continue;
+            count = std::max(count, std::atoi(entry.first.c_str() + prefix.size()) + 1);
+        }
+        if (count == 0) throw std::runtime_error("cannot infer the model shape: no tensors named " + prefix + "<i>.*");
+        return count;
+    };
+    ModelConfig c;
+    c.name = "imported_block";
+    c.is_block = true;
+    c.V = dim("embedder.embeddings.weight", 2, 0);
+    c.DE = dim("embedder.embeddings.weight", 2, 1);
+    const int DB = dim("block_decoder.gpt_neox.final_layer_norm.weight", 1, 0);
+    const int HT = dim("token_decoder.embed_out.weight", 2, 1);
+    if (c.DE <= 0 || DB % c.DE != 0) throw std::runtime_error("cannot infer the model shape: block decoder width is not a multiple of the embedder width");
+    c.LB = DB / c.DE;
+    const int expansion_rows = dim("token_decoder.expansion_layer.weight", 3, 0);
+    if (expansion_rows % HT != 0) throw std::runtime_error("cannot infer the model shape: expansion rows are not a multiple of the token decoder width");
+    c.P = expansion_rows / HT;
+    const int block_layers = layers("block_decoder.gpt_neox.layers."), token_layers = layers("token_decoder.gpt_neox.layers.");
+    c.block_decoder = StackConfig{block_layers, DB, autofill_heads(DB), dim("block_decoder.gpt_neox.layers.0.mlp.dense_h_to_4h.weight", 2, 0)};
+    c.token_decoder = StackConfig{token_layers, HT, autofill_heads(HT), dim("token_decoder.gpt_neox.layers.0.mlp.dense_h_to_4h.weight", 2, 0)};
+    for (const ModelConfig& named : named_configs())   // a known shape: take the named config (its heads, its training)
+        if (named.is_block && named.DE == c.DE && named.LB == c.LB && named.P == c.P && named.block_decoder.L == c.block_decoder.L &&
+            named.block_decoder.C == DB && named.token_decoder.L == c.token_decoder.L && named.token_decoder.C == HT &&
+            named.V == c.V && named.block_decoder.I == c.block_decoder.I && named.token_decoder.I == c.token_decoder.I)
+            return named;
+    validate_config(c);
+    return c;
+}

@@ -124,3 +124,38 @@ TEST_CASE("model: training FLOPs count the real architecture") {
     // head 7*4*2*32*96 = 172032.
     CHECK(training_flops_per_sequence(config_by_name("tiny_block")) == 3.0 * (784896 + 43008 + 1747200 + 172032));
 }
+
+// The shapes a checkpoint of this config stores, as a list (what a safetensors header gives).
+static std::vector<std::pair<std::string, std::vector<size_t>>> stored_shapes(const ModelConfig& c) {
+    std::vector<std::pair<std::string, std::vector<size_t>>> shapes;
+    for (const ParamTensor& t : build_tensor_table(c).tensors) shapes.push_back({t.name, t.shape});
+    return shapes;
+}
+
+TEST_CASE("model: the shape of a config-less block checkpoint is inferred (SPEC 6.1)") {
+    for (const char* name : {"block_main_b4_5", "block_main_b4_85", "block_main_b4_1.2b"}) {
+        CAPTURE(name);
+        ModelConfig named = config_by_name(name);
+        ModelConfig inferred = infer_block_config(stored_shapes(named));
+        CHECK(inferred.name == name);   // recognised as the released main model
+        CHECK(inferred.DE == named.DE);
+        CHECK(inferred.LB == 4);
+        CHECK(inferred.P == 2);
+        CHECK(inferred.block_decoder.NH == named.block_decoder.NH);
+        CHECK(inferred.token_decoder.L == named.token_decoder.L);
+        CHECK(build_tensor_table(inferred).num_params == build_tensor_table(named).num_params);
+    }
+    CHECK(infer_block_config(stored_shapes(config_by_name("tiny_block"))).block_decoder.NH == 3);   // named: its heads
+
+    ModelConfig unnamed = config_by_name("block_main_b4_19");
+    unnamed.token_decoder.L = 5;   // no named config has this shape: heads come from the autofill rule
+    ModelConfig inferred = infer_block_config(stored_shapes(unnamed));
+    CHECK(inferred.name == "imported_block");
+    CHECK(inferred.token_decoder.L == 5);
+    CHECK(inferred.token_decoder.NH == 8);   // width 512: head size 64
+    CHECK(inferred.block_decoder.I == 2048);
+
+    auto shapes = stored_shapes(unnamed);
+    shapes.erase(shapes.begin());   // embedder.embeddings.weight
+    CHECK_THROWS_WITH_AS(infer_block_config(shapes), doctest::Contains("tensor embedder.embeddings.weight is missing"), std::runtime_error);
+}
