@@ -1,5 +1,5 @@
 // test_models.h: weights, batches and fixture loading shared by the CPU reference tests and the GPU tests.
-// defines: randomize_params, block_test_batch, vanilla_test_batch, read_params_by_table
+// defines: randomize_params, block_test_batch, vanilla_test_batch, read_params_by_table, fixture_batch
 #pragma once
 #include <cmath>
 #include <random>
@@ -85,3 +85,23 @@ inline std::vector<float> read_params_by_table(const SafetensorsFile& file, cons
     return params;
 }
 
+
+// The batch of a golden fixture (dev/make_fixtures.py): block models store input_ids and attention_mask (B, NB, LB);
+// vanilla models input_ids and HF labels (B, T), -100 = not scored, which become the mask.
+inline Batch fixture_batch(const ModelConfig& config, const SafetensorsFile& golden) {
+    const SafeTensor& ids = golden.get("input_ids");
+    Batch batch;
+    batch.B = (int)ids.shape[0];
+    batch.ids = golden.read_i32("input_ids");
+    batch.T = (int)(batch.ids.size() / batch.B);
+    if (config.is_block) {
+        batch.mask = golden.read_i32("attention_mask");
+    } else {
+        std::vector<int32_t> labels = golden.read_i32("labels");
+        for (size_t i = 0; i < labels.size(); i++) {
+            batch.mask.push_back(labels[i] != -100);
+            REQUIRE((labels[i] == -100 || labels[i] == batch.ids[i]));   // HF labels are the ids themselves
+        }
+    }
+    return batch;
+}

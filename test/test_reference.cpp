@@ -167,11 +167,7 @@ static void check_against_fixture(const char* config_name, const Batch& batch, c
 
 TEST_CASE("reference: tiny_block matches the PyTorch fixture (logits, loss, gradients, 10 AdamW steps)") {
     SafetensorsFile golden = SafetensorsFile::open(fixture_path("tiny_block.golden.safetensors"));
-    Batch batch;
-    batch.B = 2;
-    batch.T = 32;
-    batch.ids = golden.read_i32("input_ids");        // (2, 8, 4) = (B, T) as blocks
-    batch.mask = golden.read_i32("attention_mask");  // (2, 8, 4)
+    Batch batch = fixture_batch(config_by_name("tiny_block"), golden);
     // The block mask is derived, never stored: check the derivation rule (SPEC 3.5) against the fixture's.
     std::vector<int32_t> block_mask = golden.read_i32("block_attention_mask");
     for (size_t i = 0; i < block_mask.size(); i++)
@@ -181,14 +177,5 @@ TEST_CASE("reference: tiny_block matches the PyTorch fixture (logits, loss, grad
 
 TEST_CASE("reference: tiny_vanilla matches the PyTorch fixture (logits, loss, gradients, 10 AdamW steps)") {
     SafetensorsFile golden = SafetensorsFile::open(fixture_path("tiny_vanilla.golden.safetensors"));
-    Batch batch;
-    batch.B = 2;
-    batch.T = 16;
-    batch.ids = golden.read_i32("input_ids");
-    std::vector<int32_t> labels = golden.read_i32("labels");   // HF convention: -100 = not scored
-    for (size_t i = 0; i < labels.size(); i++) {
-        batch.mask.push_back(labels[i] != -100);
-        if (labels[i] != -100) CHECK(labels[i] == batch.ids[i]);
-    }
-    check_against_fixture("tiny_vanilla", batch, golden);
+    check_against_fixture("tiny_vanilla", fixture_batch(config_by_name("tiny_vanilla"), golden), golden);
 }
