@@ -1,9 +1,14 @@
 // blocktf.cu: the GPU side of blocktf, included by train.cu, infer.cu and the GPU tests (llm.c style: one file
 // holds the model's device code; model-agnostic pieces live in headers).
-// defines: floatX (the storage type of weights and activations), cudaCheck/cublasCheck, DeviceBuffer,
-// the fp32 -> floatX conversion kernel, ParameterBuffer (one device buffer laid out by the tensor table).
+// defines, top to bottom: floatX and the CUDA/cuBLAS checks, DeviceBuffer; elementwise kernels (GELU, residual
+// add, row gather/scatter); LayerNorm; matrix products (Gpu: cuBLASLt plans, linear_forward/backward, batched
+// GEMMs); RoPE + head split; attention; deterministic embedding gradients; token-decoder input; fused
+// cross-entropy; gradient norm and AdamW; GpuStack (one GPT-NeoX stack with its activations); BatchPlan (a
+// micro-batch prepared on the host); GpuModel (the whole model: forward, backward, update); checkpoints.
 //
-// Forward, backward and AdamW kernels come with issue 5; this file holds what they stand on.
+// Conventions (as in test/reference.h): X_forward beside X_backward with the same argument order (outputs,
+// inputs, weights, scratch, dims); activation gradients are written (=), parameter gradients accumulate (+=).
+// Every CUDA and cuBLAS call is checked; every size and offset is a size_t.
 #pragma once
 #include <algorithm>
 #include <cmath>
