@@ -14,6 +14,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <iterator>
@@ -1301,9 +1302,81 @@ inline void write_text_file_atomically(const std::string& path, const std::strin
     std::filesystem::rename(temporary, path);
 }
 
-inline ModelConfig read_checkpoint_config(const std::string& dir) {
-    const std::string path = dir + "/config.json";
-    return config_from_json(parse_json(read_text_file(path)), path);
+// A HuggingFace GPTNeoXForCausalLM config.json (a Pythia model saved with save_pretrained, SPEC 6.2). Only the
+// GPT-NeoX variant blocktf implements is accepted; anything else is named.
+inline ModelConfig config_from_hf_gpt_neox(const JsonValue& json, const std::string& where) {
+    auto value = [&](const char* key) -> const JsonValue& {
+        const JsonValue* v = json.find(key);
+        if (!v) throw std::runtime_error(where + ": \"" + key + "\" is missing");
+        return *v;
+    };
+    auto integer = [&](const char* key) {
+        const JsonValue& v = value(key);
+        if (v.type != JsonValue::Type::Number || v.number != (int)v.number || v.number <= 0)
+            throw std::runtime_error(where + ": \"" + key + "\" must be a positive integer");
+        return (int)v.number;
+    };
+    auto require = [&](bool ok, const std::string& what) {
+        if (!ok) throw std::runtime_error(where + ": unsupported GPT-NeoX variant: " + what);
+    };
+    const JsonValue* rotary = json.find("rotary_pct");
+    const JsonValue* parallel = json.find("use_parallel_residual");
+    const JsonValue* act = json.find("hidden_act");
+    const JsonValue* tied = json.find("tie_word_embeddings");
+    require(!rotary || (rotary->type == JsonValue::Type::Number && rotary->number == 0.25), "rotary_pct must be 0.25");
+    require(!parallel || (parallel->type == JsonValue::Type::Bool && parallel->boolean), "use_parallel_residual must be true");
+    require(!act || (act->type == JsonValue::Type::String && act->string == "gelu"), "hidden_act must be \"gelu\" (exact erf)");
+    require(!tied || (tied->type == JsonValue::Type::Bool && !tied->boolean), "tie_word_embeddings must be false");
+    ModelConfig c;
+    c.name = "imported_gpt_neox";
+    c.V = integer("vocab_size");
+    c.T = std::min(integer("max_position_embeddings"), kTrainSeqLen);
+    c.token_decoder = StackConfig{integer("num_hidden_layers"), integer("hidden_size"), integer("num_attention_heads"),
+                                  integer("intermediate_size")};
+    for (const ModelConfig& named : named_configs())   // a known shape keeps its name and training settings
+        if (!named.is_block && named.V == c.V && named.token_decoder.L == c.token_decoder.L && named.token_decoder.C == c.token_decoder.C &&
+            named.token_decoder.NH == c.token_decoder.NH && named.token_decoder.I == c.token_decoder.I)
+            return named;
+    validate_config(c);
+    return c;
+}
+
+// Where a checkpoint's files are: a directory holding model.safetensors (and config.json unless it is a released
+// block checkpoint), or the .safetensors file itself.
+struct CheckpointFiles {
+    std::string dir;       // holds config.json, if any
+    std::string weights;   // the model's .safetensors
+};
+inline CheckpointFiles locate_checkpoint(const std::string& path) {
+    namespace fs = std::filesystem;
+    if (fs::is_regular_file(path)) return {fs::path(path).parent_path().string(), path};
+    if (fs::is_directory(path) && fs::exists(fs::path(path) / "model.safetensors")) return {path, (fs::path(path) / "model.safetensors").string()};
+    throw std::runtime_error(path + ": not a checkpoint (neither a .safetensors file nor a directory holding model.safetensors)");
+}
+
+// The model shape of a checkpoint: blocktf's config.json, a HuggingFace GPT-NeoX config.json, or for a released
+// block checkpoint without one, inferred from the tensor shapes (SPEC 6.1; the result is printed to stderr).
+inline ModelConfig read_checkpoint_config(const std::string& path) {
+    namespace fs = std::filesystem;
+    const CheckpointFiles files = locate_checkpoint(path);
+    const std::string config_path = (fs::path(files.dir) / "config.json").string();
+    if (fs::exists(config_path)) {
+        JsonValue json = parse_json(read_text_file(config_path));
+        if (json.type != JsonValue::Type::Object) throw std::runtime_error(config_path + ": not a JSON object");
+        return json.find("blocktf_config") ? config_from_json(json, config_path) : config_from_hf_gpt_neox(json, config_path);
+    }
+    SafetensorsFile weights = SafetensorsFile::open(files.weights);
+    if (weights.find("gpt_neox.embed_in.weight"))
+        throw std::runtime_error(files.weights + " is a vanilla GPT-NeoX checkpoint without config.json: its head count is not "
+                                 "stored in the weights; put the model's HuggingFace config.json beside it");
+    std::vector<std::pair<std::string, std::vector<size_t>>> shapes;
+    for (const SafeTensor& t : weights.tensors()) shapes.push_back({t.name, std::vector<size_t>(t.shape.begin(), t.shape.end())});
+    ModelConfig c = infer_block_config(shapes);
+    std::fprintf(stderr, "%s has no config.json; inferred from the tensor shapes: %s, LB %d, P %d, DE %d, block decoder %d x %d "
+                         "(%d heads), token decoder %d x %d (%d heads), V %d\n", files.weights.c_str(), c.name.c_str(), c.LB, c.P,
+                 c.DE, c.block_decoder.L, c.block_decoder.C, c.block_decoder.NH, c.token_decoder.L, c.token_decoder.C,
+                 c.token_decoder.NH, c.V);
+    return c;
 }
 
 struct CheckpointState {
@@ -1348,6 +1421,15 @@ inline void save_checkpoint(GpuModel& model, const std::string& dir, const Check
     }
 }
 
+// Buffers that 2023 Pythia checkpoints saved next to the weights (SPEC 6.2): the causal mask, masked_bias and the
+// rotary inv_freq. blocktf recomputes what they hold, so they are skipped.
+inline bool is_ignored_buffer(const std::string& name) {
+    for (const char* suffix : {".attention.bias", ".attention.masked_bias", ".rotary_emb.inv_freq"})
+        if (name.size() > std::strlen(suffix) && name.compare(name.size() - std::strlen(suffix), std::string::npos, suffix) == 0)
+            return true;
+    return false;
+}
+
 // The weights of a checkpoint (every tensor of the model's table, by name and shape) as fp32, laid out by the table.
 inline std::vector<float> read_checkpoint_weights(const SafetensorsFile& file, const TensorTable& table) {
     std::vector<float> host(table.num_params, 0.0f);
@@ -1367,7 +1449,7 @@ inline std::vector<float> read_checkpoint_weights(const SafetensorsFile& file, c
         std::copy(values.begin(), values.end(), host.begin() + t.offset);
     }
     for (const SafeTensor& stored : file.tensors())
-        if (!table.find(stored.name)) problems += "\n  unexpected tensor " + stored.name;
+        if (!table.find(stored.name) && !is_ignored_buffer(stored.name)) problems += "\n  unexpected tensor " + stored.name;
     if (!problems.empty()) throw std::runtime_error(file.path() + " does not fit the model:" + problems);
     return host;
 }
@@ -1377,7 +1459,7 @@ inline CheckpointState load_checkpoint(GpuModel& model, const std::string& dir, 
     const TensorTable& table = model.table;
     CheckpointState state;
     if (!with_optimizer) {
-        model.load_parameters(read_checkpoint_weights(SafetensorsFile::open(dir + "/model.safetensors"), table));
+        model.load_parameters(read_checkpoint_weights(SafetensorsFile::open(locate_checkpoint(dir).weights), table));
         return state;
     }
     SafetensorsFile optimizer = SafetensorsFile::open(dir + "/optimizer.safetensors");
@@ -1425,3 +1507,957 @@ inline void print_device_info() {
     std::printf("device: %s, compute capability %d.%d, %d SMs, %.1f GiB; built for PRECISION=%s\n", prop.name, prop.major,
                 prop.minor, prop.multiProcessorCount, prop.totalGlobalMem / (1024.0 * 1024.0 * 1024.0), kPrecisionName);
 }
+
+// ================================================================================================================
+// Generation: KV caches and cached decoding (issue 6)
+// ================================================================================================================
+// Cached generation (SPEC 5.1, with the training positions of SPEC 10.3):
+//   block model: prompts are left-padded (id 0, mask 0) to one common block boundary; the prefill runs every
+//     prompt block through the embedder and the block decoder (cache over blocks, positions 0.. counting pad
+//     blocks, key mask any(mask) per block). Then per block: expansion of the newest block-decoder output into P
+//     prefix vectors, the token decoder's local generation of LB tokens with its own cache of P+LB-1 positions
+//     (rewritten every block: prefix at 0..P-1, token j at P+j, keys all visible), embedding of the new block and
+//     one block-decoder step.
+//   vanilla model: prompts are left-padded to one common length (pads masked as keys, rotary positions shifted per
+//     row so that a row's first real token is at 0, as HF does); prefill, then one token per step.
+// A row that emits <|endoftext|> keeps being computed (its later ids are ignored); the host stops launching steps
+// once every row has stopped. Every buffer is allocated before the first step. A decode step (a block for the
+// block model, a token for vanilla) is captured once into a CUDA graph and replayed; what changes between steps
+// (the position in the main cache, the output column) lives in two device counters that the step advances itself,
+// so the host never waits for a token: it polls events to stream the ids out of pinned memory.
+
+// ----------------------------------------------------------------------------------------------------------------
+// Weights for inference: the parameter buffer of the tensor table, without any training state.
+struct InferenceModel {
+    ModelConfig cfg;
+    TensorTable table;
+    DeviceBuffer<floatX> params;   // (num_params)
+
+    explicit InferenceModel(const ModelConfig& config)
+        : cfg(config), table(build_tensor_table(config)), params(table.num_params) {}
+
+    // host: (num_params) fp32 laid out by the table; converted to floatX through a bounded fp32 staging buffer.
+    void load(const std::vector<float>& host) {
+        if (host.size() != table.num_params) throw std::runtime_error("InferenceModel::load: expected one value per table element");
+        const size_t chunk = std::min<size_t>(host.size(), kStagingFloats);
+        DeviceBuffer<float> staging(chunk);
+        for (size_t start = 0; start < host.size(); start += chunk) {
+            const size_t n = std::min(chunk, host.size() - start);
+            staging.upload(host.data() + start, n);
+            convert_to_floatX(params.data() + start, staging.data(), n, 0);
+            cudaCheck(cudaStreamSynchronize(0));   // staging is rewritten by the next chunk
+        }
+    }
+    const floatX* param(const std::string& name) const { return params.data() + table.get(name).offset; }
+
+private:
+    static constexpr size_t kStagingFloats = 64ull << 20;   // 256 MiB of fp32 at a time
+};
+
+// A checkpoint directory (model.safetensors, config.json) or a training output directory (its newest complete
+// checkpoint-<step>/). Throws saying what was expected.
+inline std::string resolve_checkpoint_dir(const std::string& path) {
+    namespace fs = std::filesystem;
+    if (fs::exists(fs::path(path) / "model.safetensors")) return path;
+    if (!fs::is_directory(path))
+        throw std::runtime_error("checkpoint '" + path + "' does not exist (give a checkpoint directory with model.safetensors, "
+                                 "or a training output directory)");
+    const std::string latest = latest_checkpoint(path);
+    if (latest.empty())
+        throw std::runtime_error("no checkpoint in '" + path + "': it has no model.safetensors and no complete checkpoint-<step>/ "
+                                 "directory");
+    return latest;
+}
+
+// The model shape of a checkpoint: its config.json, or for a released Block Transformer checkpoint without one the
+// shape inferred from the tensors (SPEC 6.1).
+inline ModelConfig checkpoint_model_config(const std::string& dir, const SafetensorsFile& weights) {
+    if (std::filesystem::exists(dir + "/config.json")) return read_checkpoint_config(dir);
+    if (!weights.find("embedder.embeddings.weight"))
+        throw std::runtime_error(dir + " has no config.json; a model shape can only be inferred for Block Transformer checkpoints");
+    std::vector<std::pair<std::string, std::vector<size_t>>> shapes;
+    for (const SafeTensor& t : weights.tensors()) shapes.push_back({t.name, std::vector<size_t>(t.shape.begin(), t.shape.end())});
+    return infer_block_config(shapes);
+}
+
+// Weights and shape of the checkpoint at path (see resolve_checkpoint_dir).
+inline std::unique_ptr<InferenceModel> load_inference_model(const std::string& path) {
+    const std::string dir = resolve_checkpoint_dir(path);
+    SafetensorsFile weights = SafetensorsFile::open(dir + "/model.safetensors");
+    auto model = std::make_unique<InferenceModel>(checkpoint_model_config(dir, weights));
+    model->load(read_checkpoint_weights(weights, model->table));
+    return model;
+}
+
+// ----------------------------------------------------------------------------------------------------------------
+// Cached attention kernels. A KV cache holds, per layer, k and v of every cached position: (nseq, NH, capacity, HS),
+// k already rotated. New positions start at p0 = (dyn_pos ? *dyn_pos : 0) + pos_offset: dyn_pos is a device counter,
+// so one captured graph runs at a new position on every replay.
+
+// RoPE at cache positions, fused with the head split and the cache append. qkv: (nseq, S_new, NH, 3, HS) fused as the
+// QKV linear writes it; q: (nseq, S_new, NH, HS) rotated; position s of sequence seq is written to cache position
+// p0+s and rotated by angle (p0 + s - pos_shift[seq]) θ (pos_shift null: 0). One thread per element of q.
+__global__ void rope_append_kv_kernel(floatX* q, floatX* k_cache, floatX* v_cache, const floatX* qkv, const float* cos_table,
+                                      const float* sin_table, const int* pos_shift, const int* dyn_pos, int pos_offset,
+                                      int nseq, int S_new, int NH, int HS, int rot, int capacity) {
+    const size_t n = (size_t)nseq * S_new * NH * HS;
+    const int half = rot / 2;
+    const int p0 = (dyn_pos ? *dyn_pos : 0) + pos_offset;
+    GRID_STRIDE_LOOP(i, n) {
+        const int d = i % HS, h = (i / HS) % NH, s = (i / ((size_t)HS * NH)) % S_new;
+        const size_t seq = i / ((size_t)HS * NH * S_new);
+        const int p = p0 + s;
+        if (p >= capacity) continue;   // the host sizes caches so this never happens; it only guards memory
+        const int angle_p = max(0, p - (pos_shift ? pos_shift[seq] : 0));   // pads before position 0 are masked
+        const floatX* row = qkv + i / HS * 3 * HS;   // head h of token (seq, s) in the fused layout
+        const size_t cached = ((seq * NH + h) * capacity + p) * HS + d;
+        v_cache[cached] = row[2 * HS + d];
+        for (int part = 0; part < 2; part++) {
+            const floatX* u = row + part * HS;
+            float value = to_f32(u[d]);
+            if (d < rot) {
+                const bool low = d < half;
+                const int m = low ? d : d - half;
+                const float partner = to_f32(u[low ? d + half : d - half]);
+                value = rotate(value, partner, cos_table[(size_t)angle_p * half + m], sin_table[(size_t)angle_p * half + m], low, 1.0f);
+            }
+            if (part == 0) q[i] = to_floatX(value);
+            else k_cache[cached] = to_floatX(value);
+        }
+    }
+}
+
+// 16 bytes of floatX: one vector load.
+struct alignas(16) FloatXPack {
+    floatX x[16 / sizeof(floatX)];
+};
+
+// Attention of new queries over a cache (SPEC 1.1.5): query i (cache position p0+i) sees cached positions j <= p0+i
+// with key_mask[j] = 1 (key_mask: (nseq, capacity), or null: all visible); scores scaled by HS^-0.5, softmax in
+// fp32. q, out: (nseq, S_new, NH, HS) = (nseq, S_new, C) with the heads merged.
+// One thread block per (sequence, query, head); its kAttentionWarps warps take turns over chunks of 32 keys with an
+// online softmax each (a lane scores one key; for the weighted sum of values a lane owns HS/32 dimensions), and
+// the warps' partial results are merged at the end. A query that sees no key outputs 0, as the reference does.
+constexpr int kAttentionWarps = 4;
+
+template <int HS>
+__global__ void __launch_bounds__(kAttentionWarps * 32)
+attention_cached_kernel(floatX* out, const floatX* q, const floatX* k_cache, const floatX* v_cache, const int* key_mask,
+                        const int* dyn_pos, int pos_offset, int S_new, int NH, int capacity, float scale) {
+    constexpr int kDimsPerLane = (HS + 31) / 32;
+    constexpr int kPack = 16 / sizeof(floatX);
+    static_assert(HS % kPack == 0, "a key row must be whole 16-byte vectors");
+    __shared__ float q_s[HS];
+    __shared__ float m_s[kAttentionWarps], l_s[kAttentionWarps], o_s[kAttentionWarps][HS];
+    const size_t row = blockIdx.x;   // ((seq * S_new) + i) * NH + h
+    const int h = row % NH, i = (row / NH) % S_new;
+    const size_t seq = row / ((size_t)NH * S_new);
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int last = min((dyn_pos ? *dyn_pos : 0) + pos_offset + i, capacity - 1);   // newest visible position
+    for (int d = threadIdx.x; d < HS; d += blockDim.x) q_s[d] = to_f32(q[row * HS + d]) * scale;
+    __syncthreads();
+
+    const floatX* keys = k_cache + (seq * NH + h) * capacity * HS;
+    const floatX* values = v_cache + (seq * NH + h) * capacity * HS;
+    const int* mask = key_mask ? key_mask + seq * capacity : nullptr;
+    float m = -INFINITY, l = 0.0f, o[kDimsPerLane];
+#pragma unroll
+    for (int t = 0; t < kDimsPerLane; t++) o[t] = 0.0f;
+    for (int base = warp * 32; base <= last; base += kAttentionWarps * 32) {
+        const int j = base + lane;
+        const bool visible = j <= last && (mask == nullptr || mask[j] != 0);
+        float score = -INFINITY;
+        if (visible) {
+            const FloatXPack* k = reinterpret_cast<const FloatXPack*>(keys + (size_t)j * HS);
+            float dot = 0.0f;
+#pragma unroll
+            for (int c = 0; c < HS / kPack; c++) {
+                const FloatXPack packed = k[c];
+#pragma unroll
+                for (int e = 0; e < kPack; e++) dot += q_s[c * kPack + e] * to_f32(packed.x[e]);
+            }
+            score = dot;
+        }
+        const float chunk_max = warp_max(score);
+        if (chunk_max == -INFINITY) continue;   // no visible key in this chunk: the same for every lane
+        const float m_new = fmaxf(m, chunk_max);
+        const float correction = expf(m - m_new);   // 0 while m is still -inf
+        const float p = visible ? expf(score - m_new) : 0.0f;
+        l = l * correction + warp_sum(p);
+#pragma unroll
+        for (int t = 0; t < kDimsPerLane; t++) o[t] *= correction;
+        for (int jj = 0; jj < 32; jj++) {
+            const float pj = __shfl_sync(0xffffffff, p, jj);
+            if (pj == 0.0f) continue;   // invisible key (never read) or an exact-zero weight: the same in every lane
+            const floatX* v = values + (size_t)(base + jj) * HS;
+#pragma unroll
+            for (int t = 0; t < kDimsPerLane; t++) {
+                const int d = lane + 32 * t;
+                if (d < HS) o[t] += pj * to_f32(v[d]);
+            }
+        }
+        m = m_new;
+    }
+    if (lane == 0) {
+        m_s[warp] = m;
+        l_s[warp] = l;
+    }
+#pragma unroll
+    for (int t = 0; t < kDimsPerLane; t++) {
+        const int d = lane + 32 * t;
+        if (d < HS) o_s[warp][d] = o[t];
+    }
+    __syncthreads();
+    for (int d = threadIdx.x; d < HS; d += blockDim.x) {
+        float m_all = -INFINITY;
+        for (int w = 0; w < kAttentionWarps; w++) m_all = fmaxf(m_all, m_s[w]);
+        float l_all = 0.0f, o_all = 0.0f;
+        if (m_all != -INFINITY)
+            for (int w = 0; w < kAttentionWarps; w++) {
+                const float f = expf(m_s[w] - m_all);   // a warp that saw no key has m = -inf: f = 0
+                l_all += l_s[w] * f;
+                o_all += o_s[w][d] * f;
+            }
+        out[row * HS + d] = to_floatX(l_all > 0.0f ? o_all / l_all : 0.0f);
+    }
+}
+
+inline void rope_append_kv(floatX* q, floatX* k_cache, floatX* v_cache, const floatX* qkv, const float* cos_table,
+                           const float* sin_table, const int* pos_shift, const int* dyn_pos, int pos_offset, int nseq,
+                           int S_new, int NH, int HS, int rot, int capacity, cudaStream_t stream) {
+    const size_t n = (size_t)nseq * S_new * NH * HS;
+    rope_append_kv_kernel<<<grid_for(n, 256), 256, 0, stream>>>(q, k_cache, v_cache, qkv, cos_table, sin_table, pos_shift,
+                                                                dyn_pos, pos_offset, nseq, S_new, NH, HS, rot, capacity);
+    cudaCheckLaunch();
+}
+
+// Grid: one block of kAttentionWarps warps per (sequence, query, head).
+inline void attention_cached(floatX* out, const floatX* q, const floatX* k_cache, const floatX* v_cache, const int* key_mask,
+                             const int* dyn_pos, int pos_offset, int nseq, int S_new, int NH, int HS, int capacity,
+                             cudaStream_t stream) {
+    const size_t rows = (size_t)nseq * S_new * NH;
+    if (rows > 0x7fffffffu) throw std::runtime_error("attention_cached: too many query rows for one grid");
+    const float scale = 1.0f / std::sqrt((float)HS);
+    const dim3 grid((unsigned)rows), block(kAttentionWarps * 32);
+    switch (HS) {
+        case 16: attention_cached_kernel<16><<<grid, block, 0, stream>>>(out, q, k_cache, v_cache, key_mask, dyn_pos, pos_offset, S_new, NH, capacity, scale); break;
+        case 32: attention_cached_kernel<32><<<grid, block, 0, stream>>>(out, q, k_cache, v_cache, key_mask, dyn_pos, pos_offset, S_new, NH, capacity, scale); break;
+        case 64: attention_cached_kernel<64><<<grid, block, 0, stream>>>(out, q, k_cache, v_cache, key_mask, dyn_pos, pos_offset, S_new, NH, capacity, scale); break;
+        case 128: attention_cached_kernel<128><<<grid, block, 0, stream>>>(out, q, k_cache, v_cache, key_mask, dyn_pos, pos_offset, S_new, NH, capacity, scale); break;
+        default: throw std::runtime_error("cached attention supports head sizes 16, 32, 64 and 128, not " + std::to_string(HS));
+    }
+    cudaCheckLaunch();
+}
+
+// ----------------------------------------------------------------------------------------------------------------
+// A GPT-NeoX stack (SPEC 1.1) for cached decoding over nseq sequences: each forward runs S_new new positions per
+// sequence, appends their keys and values to the cache and attends over everything cached up to them. Owns its
+// cache (capacity positions per sequence) and scratch for up to max_new positions per call.
+inline LayerOffsets layer_offsets(const TensorTable& table, const std::string& prefix, int l) {
+    const std::string p = prefix + "layers." + std::to_string(l) + ".";
+    auto at = [&](const char* name) { return table.get(p + name).offset; };
+    return {at("input_layernorm.weight"), at("input_layernorm.bias"), at("post_attention_layernorm.weight"),
+            at("post_attention_layernorm.bias"), at("attention.query_key_value.weight"), at("attention.query_key_value.bias"),
+            at("attention.dense.weight"), at("attention.dense.bias"), at("mlp.dense_h_to_4h.weight"), at("mlp.dense_h_to_4h.bias"),
+            at("mlp.dense_4h_to_h.weight"), at("mlp.dense_4h_to_h.bias")};
+}
+
+class KvStack {
+public:
+    KvStack(const StackConfig& config, const std::string& prefix, const TensorTable& table, int nseq, int capacity, int max_new)
+        : cfg_(config), nseq_(nseq), capacity_(capacity), max_new_(max_new) {
+        if (nseq < 1 || capacity < 1 || max_new < 1 || max_new > capacity)
+            throw std::runtime_error("KvStack: needs nseq, capacity >= 1 and 1 <= max_new <= capacity");
+        for (int l = 0; l < cfg_.L; l++) offsets_.push_back(layer_offsets(table, prefix, l));
+        final_w_ = table.get(prefix + "final_layer_norm.weight").offset;
+        final_b_ = table.get(prefix + "final_layer_norm.bias").offset;
+        const size_t C = cfg_.C, I = cfg_.I, n = (size_t)nseq * max_new;
+        k_cache_ = DeviceBuffer<floatX>((size_t)cfg_.L * nseq * capacity * C);
+        v_cache_ = DeviceBuffer<floatX>((size_t)cfg_.L * nseq * capacity * C);
+        x_ = DeviceBuffer<floatX>(n * C);
+        ln_ = DeviceBuffer<floatX>(n * C);
+        qkv_ = DeviceBuffer<floatX>(n * 3 * C);
+        q_ = DeviceBuffer<floatX>(n * C);
+        att_ = DeviceBuffer<floatX>(n * C);
+        attn_out_ = DeviceBuffer<floatX>(n * C);
+        mlp_out_ = DeviceBuffer<floatX>(n * C);
+        fc_ = DeviceBuffer<floatX>(n * I);
+        out_ = DeviceBuffer<floatX>(n * C);
+        mean_ = DeviceBuffer<float>(n);
+        rstd_ = DeviceBuffer<float>(n);
+        std::vector<float> cos_table, sin_table;
+        make_rope_tables(cos_table, sin_table, capacity, cfg_.rotary_dims());
+        rope_cos_ = DeviceBuffer<float>(cos_table.size());
+        rope_sin_ = DeviceBuffer<float>(sin_table.size());
+        rope_cos_.upload(cos_table.data(), cos_table.size());
+        rope_sin_.upload(sin_table.data(), sin_table.size());
+    }
+
+    const floatX* out() const { return out_.data(); }   // (nseq, S_new, C) of the last forward, after the final LayerNorm
+    int capacity() const { return capacity_; }
+
+    // inp: (nseq, S_new, C), the new positions' inputs, which start at cache position p0 = (dyn_pos ? *dyn_pos : 0) +
+    // pos_offset; the caller guarantees p0 + S_new <= capacity. key_mask: (nseq, capacity) or null (all visible).
+    // pos_shift: (nseq) rotary position = cache position - pos_shift[seq], or null.
+    // Per layer: x = x + dense(attention(LN1(x))) + mlp(LN2(x)) (parallel residual, SPEC 1.1.1).
+    void forward(Gpu& gpu, const floatX* inp, int S_new, const int* dyn_pos, int pos_offset, const int* key_mask,
+                 const int* pos_shift, const floatX* params) {
+        if (S_new < 1 || S_new > max_new_)
+            throw std::runtime_error("KvStack::forward: " + std::to_string(S_new) + " new positions, scratch for " + std::to_string(max_new_));
+        const int n = nseq_ * S_new, C = cfg_.C, I = cfg_.I, NH = cfg_.NH, HS = cfg_.HS();
+        const size_t layer_cache = (size_t)nseq_ * capacity_ * C;
+        const floatX* x = inp;   // the residual stream: the input, then x_, updated in place by each layer
+        for (int l = 0; l < cfg_.L; l++) {
+            const LayerOffsets& o = offsets_[l];
+            const floatX* w = params;
+            floatX* k_cache = k_cache_.data() + l * layer_cache;
+            floatX* v_cache = v_cache_.data() + l * layer_cache;
+            layernorm_forward(ln_.data(), mean_.data(), rstd_.data(), x, w + o.ln1_w, w + o.ln1_b, n, C, gpu.stream);
+            linear_forward(gpu, qkv_.data(), ln_.data(), w + o.qkv_w, w + o.qkv_b, n, C, 3 * C);
+            rope_append_kv(q_.data(), k_cache, v_cache, qkv_.data(), rope_cos_.data(), rope_sin_.data(), pos_shift, dyn_pos,
+                           pos_offset, nseq_, S_new, NH, HS, cfg_.rotary_dims(), capacity_, gpu.stream);
+            attention_cached(att_.data(), q_.data(), k_cache, v_cache, key_mask, dyn_pos, pos_offset, nseq_, S_new, NH, HS,
+                             capacity_, gpu.stream);
+            linear_forward(gpu, attn_out_.data(), att_.data(), w + o.dense_w, w + o.dense_b, n, C, C);
+
+            layernorm_forward(ln_.data(), mean_.data(), rstd_.data(), x, w + o.ln2_w, w + o.ln2_b, n, C, gpu.stream);
+            linear_forward(gpu, fc_.data(), ln_.data(), w + o.fc_w, w + o.fc_b, n, C, I);
+            gelu_forward(fc_.data(), fc_.data(), (size_t)n * I, gpu.stream);   // elementwise: in place is safe
+            linear_forward(gpu, mlp_out_.data(), fc_.data(), w + o.proj_w, w + o.proj_b, n, I, C);
+            add3(x_.data(), x, attn_out_.data(), mlp_out_.data(), (size_t)n * C, gpu.stream);
+            x = x_.data();
+        }
+        layernorm_forward(out_.data(), mean_.data(), rstd_.data(), x, params + final_w_, params + final_b_, n, C, gpu.stream);
+    }
+
+private:
+    StackConfig cfg_;
+    int nseq_, capacity_, max_new_;
+    std::vector<LayerOffsets> offsets_;
+    size_t final_w_ = 0, final_b_ = 0;
+    DeviceBuffer<floatX> k_cache_, v_cache_;               // (L, nseq, NH, capacity, HS), k rotated
+    DeviceBuffer<float> rope_cos_, rope_sin_;              // (capacity, rot/2)
+    DeviceBuffer<floatX> x_, ln_, q_, att_, attn_out_, mlp_out_, out_;   // (nseq * max_new, C)
+    DeviceBuffer<floatX> qkv_;                             // (nseq * max_new, 3C)
+    DeviceBuffer<floatX> fc_;                              // (nseq * max_new, I), GELU applied in place
+    DeviceBuffer<float> mean_, rstd_;                      // (nseq * max_new), written by LayerNorm, unused
+};
+
+// ----------------------------------------------------------------------------------------------------------------
+// Token choice on the GPU (SPEC 5.2): greedy, or sampling with temperature, top-k and top-p, one thread block per
+// row, no host involvement. Sampling works on integer weights w_v = floor(2^40 exp(z_v - max z)) (z = logits /
+// temperature), so every sum is exact and order-independent: results are deterministic and a row's random draw
+// picks exactly one id. Ids whose probability is below 2^-40 of the most likely one are never drawn.
+struct SamplingSettings {
+    float temperature = 0.0f;   // 0: greedy (argmax; the lowest id on ties); > 0: sample from softmax(logits / temperature)
+    int top_k = 0;              // sample only among the top_k most likely ids (0: all); ties at the cut are kept
+    float top_p = 1.0f;         // then only among the smallest most-likely set of probability >= top_p (1: all)
+    uint64_t seed = 0;          // the draw of row b's generated token c uses hash(seed, b, c): runs are reproducible
+};
+
+inline void validate_sampling(const SamplingSettings& s) {
+    if (!(s.temperature >= 0.0f) || !std::isfinite(s.temperature)) throw std::runtime_error("temperature must be a finite number >= 0");
+    if (s.top_k < 0) throw std::runtime_error("top-k must be >= 0 (0 keeps every id)");
+    if (!(s.top_p > 0.0f && s.top_p <= 1.0f)) throw std::runtime_error("top-p must be in (0, 1] (1 keeps every id)");
+}
+
+constexpr int kSampleThreads = 1024;
+constexpr float kSampleWeightOne = 1099511627776.0f;   // 2^40: the weight of the most likely id; V * 2^40 < 2^64
+
+// Floats mapped to unsigned integers of the same order (larger float, larger key).
+__device__ inline uint32_t order_key(float x) {
+    const uint32_t bits = __float_as_uint(x);
+    return (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
+}
+
+// SplitMix64's finaliser: a counter-based random number generator (Steele, Lea, Flood 2014).
+__host__ __device__ inline uint64_t splitmix64(uint64_t x) {
+    x += 0x9E3779B97F4A7C15ull;
+    x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
+    x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
+    return x ^ (x >> 31);
+}
+
+// Radix select over a thread block: the largest key K with  Σ_{v: key_v >= K} w_v >= need  (1 <= need <= Σ w_v),
+// where weight(v, key) returns w_v and sets key_v. With weights 1 this is the key of the need-th largest value; with
+// probability weights, the cut of the smallest most-likely set of mass >= need. Four passes over 8-bit digits; the
+// digit histogram is summed with integer atomics, so the result does not depend on thread timing.
+// hist: 256 shared entries; digit_out, need_out: shared scalars.
+template <typename Weight>
+__device__ uint32_t radix_select(int V, unsigned long long need, Weight weight, unsigned long long* hist,
+                                 uint32_t* digit_out, unsigned long long* need_out) {
+    uint32_t prefix = 0, prefix_mask = 0;
+    for (int shift = 24; shift >= 0; shift -= 8) {
+        for (int b = threadIdx.x; b < 256; b += blockDim.x) hist[b] = 0;
+        __syncthreads();
+        for (int v = threadIdx.x; v < V; v += blockDim.x) {
+            uint32_t key;
+            const unsigned long long w = weight(v, key);
+            if (w != 0 && (key & prefix_mask) == prefix) atomicAdd(&hist[(key >> shift) & 255u], w);
+        }
+        __syncthreads();
+        if (threadIdx.x < 32) {   // warp 0: lane owns digits [8 lane, 8 lane + 8); find the digit where need is reached
+            const int lane = threadIdx.x;
+            unsigned long long own = 0;
+            for (int b = 0; b < 8; b++) own += hist[lane * 8 + b];
+            unsigned long long suffix = own;   // weight of digits >= 8 lane
+            for (int offset = 1; offset < 32; offset <<= 1) {
+                const unsigned long long other = __shfl_down_sync(0xffffffff, suffix, offset);
+                if (lane + offset < 32) suffix += other;
+            }
+            const unsigned long long above = suffix - own;   // weight of the digits of higher lanes
+            if (above < need && need <= suffix) {            // exactly one lane
+                unsigned long long acc = above;
+                for (int b = lane * 8 + 7; b >= lane * 8; b--) {
+                    if (acc + hist[b] >= need) {
+                        *digit_out = (uint32_t)b;
+                        *need_out = need - acc;
+                        break;
+                    }
+                    acc += hist[b];
+                }
+            }
+        }
+        __syncthreads();
+        prefix |= *digit_out << shift;
+        prefix_mask |= 0xFFu << shift;
+        need = *need_out;
+    }
+    __syncthreads();   // every thread has read digit_out and need_out before anyone reuses them
+    return prefix;
+}
+
+// logits: (B, V) fp32, one block per row. The chosen id of row b goes to current[b], to
+// history[b * history_stride + col] with col = (dyn_col ? *dyn_col : 0) + col_offset (also the random draw's counter),
+// and, when block_ids is set, to block_ids[b * block_stride + slot].
+__global__ void __launch_bounds__(kSampleThreads)
+sample_kernel(int* current, int* history, int history_stride, const int* dyn_col, int col_offset, int* block_ids,
+              int block_stride, int slot, const float* logits, int V, SamplingSettings settings) {
+    __shared__ float reduce_shared[32];
+    __shared__ float best_shared[32];
+    __shared__ int best_id_shared[32];
+    __shared__ unsigned long long hist[256];
+    __shared__ unsigned long long scan[32];
+    __shared__ unsigned long long total_shared, need_shared;
+    __shared__ uint32_t digit_shared;
+    __shared__ int chosen;
+    const int row = blockIdx.x, tid = threadIdx.x, lane = tid % 32, warp = tid / 32, warps = blockDim.x / 32;
+    const float* z = logits + (size_t)row * V;
+    const int col = (dyn_col ? *dyn_col : 0) + col_offset;
+    if (tid == 0) chosen = 0;
+
+    if (settings.temperature <= 0.0f) {
+        // greedy: the largest logit, the lowest id among equal ones (NaN never wins)
+        float best = -INFINITY;
+        int best_id = 0x7fffffff;
+        for (int v = tid; v < V; v += blockDim.x)
+            if (z[v] > best) {
+                best = z[v];
+                best_id = v;
+            }
+        for (int pass = 0; pass < 2; pass++) {   // within each warp, then warp 0 over the warps' winners
+            for (int offset = 16; offset > 0; offset >>= 1) {
+                const float other = __shfl_xor_sync(0xffffffff, best, offset);
+                const int other_id = __shfl_xor_sync(0xffffffff, best_id, offset);
+                if (other > best || (other == best && other_id < best_id)) {
+                    best = other;
+                    best_id = other_id;
+                }
+            }
+            if (pass == 1) break;
+            if (lane == 0) {
+                best_shared[warp] = best;
+                best_id_shared[warp] = best_id;
+            }
+            __syncthreads();
+            best = lane < warps ? best_shared[lane] : -INFINITY;
+            best_id = lane < warps ? best_id_shared[lane] : 0x7fffffff;
+        }
+        if (tid == 0) chosen = best_id == 0x7fffffff ? 0 : best_id;
+    } else {
+        const float temperature = settings.temperature;
+        float z_max = -INFINITY;
+        for (int v = tid; v < V; v += blockDim.x) z_max = fmaxf(z_max, z[v] / temperature);
+        z_max = block_max(z_max, reduce_shared);
+        uint32_t cut = 0;   // ids with key < cut are out
+        if (settings.top_k > 0 && settings.top_k < V) {
+            auto count = [&](int v, uint32_t& key) -> unsigned long long {
+                key = order_key(z[v] / temperature);
+                return 1ull;
+            };
+            cut = radix_select(V, (unsigned long long)settings.top_k, count, hist, &digit_shared, &need_shared);
+        }
+        auto weight = [&](int v, uint32_t& key) -> unsigned long long {
+            const float zv = z[v] / temperature;
+            key = order_key(zv);
+            return key >= cut ? (unsigned long long)(expf(zv - z_max) * kSampleWeightOne) : 0ull;
+        };
+        if (settings.top_p < 1.0f) {
+            if (tid == 0) total_shared = 0;
+            __syncthreads();
+            unsigned long long local = 0;
+            for (int v = tid; v < V; v += blockDim.x) {
+                uint32_t key;
+                local += weight(v, key);
+            }
+            atomicAdd(&total_shared, local);
+            __syncthreads();
+            const unsigned long long total = total_shared;
+            unsigned long long need = (unsigned long long)ceil((double)settings.top_p * (double)total);
+            need = need < 1 ? 1 : need > total ? total : need;
+            const uint32_t cut_p = radix_select(V, need, weight, hist, &digit_shared, &need_shared);
+            cut = max(cut, cut_p);
+        }
+        // Draw: thread t owns the contiguous ids [begin, end); an exclusive scan of the threads' weights in id order
+        // gives each its interval of [0, total), and the thread whose interval holds the random target walks its ids.
+        const int chunk = (V + blockDim.x - 1) / blockDim.x;
+        const int begin = min(V, tid * chunk), end = min(V, begin + chunk);
+        unsigned long long local = 0;
+        for (int v = begin; v < end; v++) {
+            uint32_t key;
+            local += weight(v, key);
+        }
+        unsigned long long inclusive = local;
+        for (int offset = 1; offset < 32; offset <<= 1) {
+            const unsigned long long other = __shfl_up_sync(0xffffffff, inclusive, offset);
+            if (lane >= offset) inclusive += other;
+        }
+        if (lane == 31) scan[warp] = inclusive;
+        __syncthreads();
+        if (warp == 0) {
+            const unsigned long long own = lane < warps ? scan[lane] : 0;
+            unsigned long long warp_inclusive = own;
+            for (int offset = 1; offset < 32; offset <<= 1) {
+                const unsigned long long other = __shfl_up_sync(0xffffffff, warp_inclusive, offset);
+                if (lane >= offset) warp_inclusive += other;
+            }
+            if (lane < warps) scan[lane] = warp_inclusive - own;   // weight before warp `lane`
+            if (lane == 31) total_shared = warp_inclusive;
+        }
+        __syncthreads();
+        const unsigned long long exclusive = scan[warp] + inclusive - local, total = total_shared;
+        const uint64_t random = splitmix64(splitmix64(splitmix64(settings.seed) ^ (uint64_t)row) ^ (uint64_t)col);
+        const unsigned long long target = __umul64hi(random, total);   // uniform in [0, total); total >= 2^40
+        if (local > 0 && exclusive <= target && target < exclusive + local) {
+            unsigned long long acc = exclusive;
+            for (int v = begin; v < end; v++) {
+                uint32_t key;
+                acc += weight(v, key);
+                if (target < acc) {
+                    chosen = v;
+                    break;
+                }
+            }
+        }
+    }
+    __syncthreads();
+    if (tid == 0) {
+        current[row] = chosen;
+        history[(size_t)row * history_stride + col] = chosen;
+        if (block_ids) block_ids[(size_t)row * block_stride + slot] = chosen;
+    }
+}
+
+// kept: (B, columns, V) fp32; logits (B, V) go to column (dyn_col ? *dyn_col : 0) + col_offset (tests).
+__global__ void keep_logits_kernel(float* kept, const float* logits, int B, int V, int columns, const int* dyn_col, int col_offset) {
+    const int col = (dyn_col ? *dyn_col : 0) + col_offset;
+    if (col >= columns) return;
+    GRID_STRIDE_LOOP(i, (size_t)B * V) kept[((i / V) * columns + col) * V + i % V] = logits[i];
+}
+
+// counters: [0] the next position of the main cache, [1] the next output column.
+__global__ void set_counters_kernel(int* counters, int position, int column) {
+    counters[0] = position;
+    counters[1] = column;
+}
+__global__ void advance_counters_kernel(int* counters, int positions, int columns) {
+    counters[0] += positions;
+    counters[1] += columns;
+}
+
+// ----------------------------------------------------------------------------------------------------------------
+// The context a generation needs, in tokens: block models count the prompt padded to a block boundary and the new
+// tokens rounded up to whole blocks (SPEC 5.1: the block decoder positions are blocks, pads included).
+inline int generation_context_tokens(const ModelConfig& cfg, int longest_prompt, int max_new_tokens) {
+    if (!cfg.is_block) return longest_prompt + max_new_tokens;
+    const int prompt_blocks = (longest_prompt + cfg.LB - 1) / cfg.LB, new_blocks = (max_new_tokens + cfg.LB - 1) / cfg.LB;
+    return (prompt_blocks + new_blocks) * cfg.LB;
+}
+// The most new tokens that fit in the model's context (T tokens) after a prompt; <= 0 when the prompt alone fills it.
+inline int max_new_tokens_that_fit(const ModelConfig& cfg, int longest_prompt) {
+    if (!cfg.is_block) return cfg.T - longest_prompt;
+    return (cfg.T / cfg.LB - (longest_prompt + cfg.LB - 1) / cfg.LB) * cfg.LB;
+}
+
+struct GenerationOptions {
+    int max_new_tokens = 64;
+    SamplingSettings sampling;
+    bool stop_at_eos = true;    // a row stops at <|endoftext|>; the run ends early once every row has stopped
+    bool keep_logits = false;   // tests: keep the fp32 logits every generated id was chosen from (kept_logits())
+    bool cuda_graph = true;     // replay the captured decode step (false: launch every kernel each step, for tests)
+};
+
+// Page-locked host memory, so device-to-host copies of the generated ids are truly asynchronous.
+template <typename T>
+class PinnedBuffer {
+public:
+    PinnedBuffer() = default;
+    explicit PinnedBuffer(size_t count) : count_(count) {
+        if (count > 0) cudaCheck(cudaHostAlloc((void**)&data_, count * sizeof(T), cudaHostAllocDefault));
+    }
+    PinnedBuffer(const PinnedBuffer&) = delete;
+    PinnedBuffer& operator=(const PinnedBuffer&) = delete;
+    ~PinnedBuffer() { if (data_) cudaFreeHost(data_); }
+    T* data() const { return data_; }
+    size_t size() const { return count_; }
+
+private:
+    T* data_ = nullptr;
+    size_t count_ = 0;
+};
+
+// A stream of its own: graph capture needs one (the legacy default stream cannot be captured).
+struct OwnedStream {
+    cudaStream_t stream = nullptr;
+    OwnedStream() { cudaCheck(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking)); }
+    OwnedStream(const OwnedStream&) = delete;
+    OwnedStream& operator=(const OwnedStream&) = delete;
+    ~OwnedStream() { if (stream) cudaStreamDestroy(stream); }
+};
+
+// One batch of prompts through cached generation. The constructor checks the prompts against the model and
+// allocates everything (caches, scratch, pinned output); run() does the prefill and the decode steps, and may be
+// called again (benchmarks: the same prompts, the captured graph reused).
+class Generation {
+public:
+    Generation(const InferenceModel& model, const std::vector<std::vector<int>>& prompts, const GenerationOptions& options)
+        : model_(model), cfg_(model.cfg), options_(options), B_((int)prompts.size()) {
+        validate_sampling(options.sampling);
+        if (B_ < 1) throw std::runtime_error("generation needs at least one prompt");
+        if (options.max_new_tokens < 1) throw std::runtime_error("the number of new tokens must be >= 1");
+        int longest = 0;
+        for (size_t b = 0; b < prompts.size(); b++) {
+            if (prompts[b].empty()) throw std::runtime_error("prompt " + std::to_string(b + 1) + " is empty (it has no tokens)");
+            for (int id : prompts[b])
+                if (id < 0 || id >= cfg_.V)
+                    throw std::runtime_error("prompt " + std::to_string(b + 1) + " has token id " + std::to_string(id) +
+                                             ", outside the model's vocabulary of " + std::to_string(cfg_.V));
+            longest = std::max(longest, (int)prompts[b].size());
+        }
+        max_new_ = options.max_new_tokens;
+        const int needed = generation_context_tokens(cfg_, longest, max_new_);
+        if (needed > cfg_.T)
+            throw std::runtime_error("the longest prompt has " + std::to_string(longest) + " tokens and " + std::to_string(max_new_) +
+                                     " new ones are asked for: that needs " + std::to_string(needed) + " positions" +
+                                     (cfg_.is_block ? " (whole blocks of " + std::to_string(cfg_.LB) + ")" : "") +
+                                     ", but the model's context is " + std::to_string(cfg_.T) + " tokens");
+
+        const int LB = cfg_.is_block ? cfg_.LB : 1;
+        Tp_ = (longest + LB - 1) / LB * LB;
+        if (cfg_.is_block) {
+            n0_ = Tp_ / LB;
+            steps_ = (max_new_ + LB - 1) / LB;
+            columns_ = steps_ * LB;
+        } else {
+            steps_ = max_new_ - 1;   // the prefill chooses the first token
+            columns_ = max_new_;
+        }
+        stream_ = std::make_unique<OwnedStream>();
+        gpu_.stream = stream_->stream;
+        cublasCheck(cublasSetStream(gpu_.blas, gpu_.stream));
+
+        // prompts, left-padded with id 0; the main stack's key mask and (vanilla) rotary shift
+        std::vector<int> ids((size_t)B_ * Tp_, kEosId), last_rows(B_);
+        const int capacity = cfg_.is_block ? n0_ + steps_ : Tp_ + max_new_ - 1;
+        std::vector<int> key_mask((size_t)B_ * capacity, 1), shift(B_, 0);
+        pad_.resize(B_);
+        for (int b = 0; b < B_; b++) {
+            pad_[b] = Tp_ - (int)prompts[b].size();
+            std::copy(prompts[b].begin(), prompts[b].end(), ids.begin() + (size_t)b * Tp_ + pad_[b]);
+            if (cfg_.is_block) {
+                for (int i = 0; i < n0_; i++) key_mask[(size_t)b * capacity + i] = (i + 1) * LB > pad_[b];   // any(mask)
+                last_rows[b] = b * n0_ + n0_ - 1;
+            } else {
+                for (int j = 0; j < pad_[b]; j++) key_mask[(size_t)b * capacity + j] = 0;
+                shift[b] = pad_[b];
+                last_rows[b] = b * Tp_ + Tp_ - 1;
+            }
+        }
+        prompt_ids_ = upload_ints(ids);
+        key_mask_ = upload_ints(key_mask);
+        last_rows_ = upload_ints(last_rows);
+        if (!cfg_.is_block) pos_shift_ = upload_ints(shift);
+        counters_ = DeviceBuffer<int>(2);
+        current_ = DeviceBuffer<int>(B_);
+        history_ = DeviceBuffer<int>((size_t)B_ * columns_);
+        host_tokens_ = std::make_unique<PinnedBuffer<int>>((size_t)B_ * columns_);
+        logits_ = DeviceBuffer<float>((size_t)B_ * cfg_.V);
+        if (options.keep_logits) kept_ = DeviceBuffer<float>((size_t)B_ * columns_ * cfg_.V);
+
+        const int HT = cfg_.token_decoder.C;
+        if (cfg_.is_block) {
+            const int DB = cfg_.block_decoder.C, P = cfg_.P;
+            main_ = std::make_unique<KvStack>(cfg_.block_decoder, "block_decoder.gpt_neox.", model.table, B_, capacity, n0_);
+            token_ = std::make_unique<KvStack>(cfg_.token_decoder, "token_decoder.gpt_neox.", model.table, B_, cfg_.token_seq_len(), P);
+            embedded_ = DeviceBuffer<floatX>((size_t)B_ * n0_ * DB);
+            context_ = DeviceBuffer<floatX>((size_t)B_ * DB);
+            prefix_ = DeviceBuffer<floatX>((size_t)B_ * P * HT);
+            token_embedded_ = DeviceBuffer<floatX>((size_t)B_ * HT);
+            block_ids_ = DeviceBuffer<int>((size_t)B_ * LB);
+            std::vector<int> token_last(B_);
+            for (int b = 0; b < B_; b++) token_last[b] = b * P + P - 1;
+            token_last_rows_ = upload_ints(token_last);
+        } else {
+            main_ = std::make_unique<KvStack>(cfg_.token_decoder, "gpt_neox.", model.table, B_, capacity, Tp_);
+            embedded_ = DeviceBuffer<floatX>((size_t)B_ * Tp_ * HT);
+        }
+        hidden_ = DeviceBuffer<floatX>((size_t)B_ * HT);
+        for (cudaEvent_t& e : events_) cudaCheck(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
+        row_done_.assign(B_, 0);
+        cudaCheck(cudaDeviceSynchronize());   // the uploads above went through the legacy stream
+    }
+
+    ~Generation() {
+        if (graph_exec_) cudaGraphExecDestroy(graph_exec_);
+        if (graph_) cudaGraphDestroy(graph_);
+        for (cudaEvent_t e : events_) if (e) cudaEventDestroy(e);
+    }
+    Generation(const Generation&) = delete;
+    Generation& operator=(const Generation&) = delete;
+
+    int rows() const { return B_; }
+    int padded_prompt_length() const { return Tp_; }   // tokens, pads included (block models: whole blocks)
+    int pad(int row) const { return pad_[row]; }         // left pads of a row
+    cudaStream_t stream() const { return gpu_.stream; }
+
+    // Prefill and decode. on_tokens(ready) runs on the host whenever the first `ready` generated ids of every row have
+    // arrived in tokens() (ready grows; at most max_new_tokens). The run stops early once every row has stopped.
+    template <typename OnTokens>
+    void run(OnTokens&& on_tokens) {
+        ready_ = 0;
+        pending_head_ = pending_tail_ = 0;
+        std::fill(row_done_.begin(), row_done_.end(), 0);
+        prefill();
+        if (!cfg_.is_block) enqueue_copy(0, 1, on_tokens);
+        for (int step = 0; step < steps_ && !all_done(); step++) {
+            if (step == 0 || !options_.cuda_graph) decode_step();   // the first step also creates the cuBLASLt plans
+            else launch_graph();
+            const int first = cfg_.is_block ? step * cfg_.LB : step + 1;
+            enqueue_copy(first, cfg_.is_block ? cfg_.LB : 1, on_tokens);
+            poll(on_tokens, false);
+        }
+        poll(on_tokens, true);
+        cudaCheck(cudaStreamSynchronize(gpu_.stream));
+    }
+    void run() { run([](int) {}); }
+
+    // Row b's generated ids, valid for the first `ready` (of run's callback; all after run) entries.
+    const int* tokens(int row) const { return host_tokens_->data() + (size_t)row * columns_; }
+    int ready() const { return ready_; }
+    // Row b's completion: its first max_new_tokens ids, cut before the first <|endoftext|> when stop_at_eos.
+    std::vector<int> completion(int row) const {
+        std::vector<int> out;
+        for (int c = 0; c < std::min(ready_, max_new_); c++) {
+            const int id = tokens(row)[c];
+            if (options_.stop_at_eos && id == kEosId) break;
+            out.push_back(id);
+        }
+        return out;
+    }
+    // keep_logits: (B, max_new_tokens, V) the fp32 logits each generated id was chosen from.
+    std::vector<float> kept_logits() const {
+        if (!options_.keep_logits) throw std::runtime_error("kept_logits: the generation was not asked to keep logits");
+        cudaCheck(cudaStreamSynchronize(gpu_.stream));
+        std::vector<float> all((size_t)B_ * columns_ * cfg_.V), out;
+        kept_.download(all.data(), all.size());
+        for (int b = 0; b < B_; b++) {
+            const float* first = all.data() + (size_t)b * columns_ * cfg_.V;
+            out.insert(out.end(), first, first + (size_t)max_new_ * cfg_.V);
+        }
+        return out;
+    }
+
+private:
+    static constexpr int kInFlight = 8;   // decode steps the host may run ahead of the ids it has received
+
+    const InferenceModel& model_;
+    ModelConfig cfg_;
+    GenerationOptions options_;
+    int B_ = 0, Tp_ = 0, n0_ = 0, max_new_ = 0, steps_ = 0, columns_ = 0;
+    std::vector<int> pad_;
+    std::unique_ptr<OwnedStream> stream_;   // declared before gpu_: destroyed after it
+    Gpu gpu_;
+    std::unique_ptr<KvStack> main_;         // block decoder, or the vanilla stack
+    std::unique_ptr<KvStack> token_;        // block models: the token decoder, its cache rewritten every block
+    DeviceBuffer<int> prompt_ids_;          // (B, Tp) left-padded prompts
+    DeviceBuffer<int> key_mask_;            // (B, main capacity) 1 = the cached position is visible
+    DeviceBuffer<int> pos_shift_;           // vanilla: (B) left pads of each row
+    DeviceBuffer<int> last_rows_;           // (B) the main stack's prefill output row that conditions the first step
+    DeviceBuffer<int> token_last_rows_;     // block: (B) row b*P + P-1 of the token decoder's prefix output
+    DeviceBuffer<int> counters_;            // [0] next main-cache position, [1] next output column
+    DeviceBuffer<int> current_;             // (B) the newest id of each row
+    DeviceBuffer<int> block_ids_;           // block: (B, LB) the block being generated
+    DeviceBuffer<int> history_;             // (B, columns) every generated id
+    DeviceBuffer<floatX> embedded_;         // block: (B*n0, DB) prefill, (B, DB) a new block; vanilla: (B*Tp, C), (B, C)
+    DeviceBuffer<floatX> context_;          // block: (B, DB) the newest block-decoder output
+    DeviceBuffer<floatX> prefix_;           // block: (B, P*HT) = (B*P, HT) prefix vectors
+    DeviceBuffer<floatX> token_embedded_;   // block: (B, HT) the newest token's token-decoder embedding
+    DeviceBuffer<floatX> hidden_;           // (B, HT) LM-head input gathered from a prefill output
+    DeviceBuffer<float> logits_;            // (B, V)
+    DeviceBuffer<float> kept_;              // keep_logits: (B, columns, V)
+    std::unique_ptr<PinnedBuffer<int>> host_tokens_;   // (B, columns) the ids, copied after each step
+    cudaGraph_t graph_ = nullptr;
+    cudaGraphExec_t graph_exec_ = nullptr;
+    cudaEvent_t events_[kInFlight] = {};
+    int pending_ready_[kInFlight] = {};     // ids available once events_[slot] has completed
+    int pending_head_ = 0, pending_tail_ = 0;
+    int ready_ = 0;
+    std::vector<char> row_done_;
+
+    DeviceBuffer<int> upload_ints(const std::vector<int>& host) {
+        DeviceBuffer<int> buffer(host.size());
+        buffer.upload(host.data(), host.size());
+        return buffer;
+    }
+    const floatX* param(const char* name) const { return model_.param(name); }
+
+    // LM head and token choice for the B rows of input (B, HT); the ids go to output column dyn_col + col_offset
+    // and, for slot >= 0, to block_ids[:, slot].
+    void head_and_sample(const floatX* input, const int* dyn_col, int col_offset, int slot) {
+        const int HT = cfg_.token_decoder.C, V = cfg_.V;
+        const floatX* embed_out = param(cfg_.is_block ? "token_decoder.embed_out.weight" : "embed_out.weight");
+        linear_forward(gpu_, logits_.data(), CUDA_R_32F, input, embed_out, nullptr, B_, HT, V);
+        if (options_.keep_logits) {
+            keep_logits_kernel<<<grid_for((size_t)B_ * V, 256), 256, 0, gpu_.stream>>>(kept_.data(), logits_.data(), B_, V, columns_,
+                                                                                       dyn_col, col_offset);
+            cudaCheckLaunch();
+        }
+        sample_kernel<<<B_, kSampleThreads, 0, gpu_.stream>>>(current_.data(), history_.data(), columns_, dyn_col, col_offset,
+                                                              slot >= 0 ? block_ids_.data() : nullptr, cfg_.LB, slot,
+                                                              logits_.data(), V, options_.sampling);
+        cudaCheckLaunch();
+    }
+
+    // The prompts through the main stack; vanilla also chooses the first token.
+    void prefill() {
+        cudaStream_t stream = gpu_.stream;
+        if (cfg_.is_block) {
+            // embedder (SPEC 1.2): (B*Tp, DE) table rows are (B*n0, DB) block embeddings
+            gather_rows(embedded_.data(), param("embedder.embeddings.weight"), prompt_ids_.data(), (size_t)B_ * Tp_, cfg_.DE, stream);
+            main_->forward(gpu_, embedded_.data(), n0_, nullptr, 0, key_mask_.data(), nullptr, model_.params.data());
+            gather_rows(context_.data(), main_->out(), last_rows_.data(), B_, cfg_.block_decoder.C, stream);
+            set_counters_kernel<<<1, 1, 0, stream>>>(counters_.data(), n0_, 0);
+        } else {
+            const int C = cfg_.token_decoder.C;
+            gather_rows(embedded_.data(), param("gpt_neox.embed_in.weight"), prompt_ids_.data(), (size_t)B_ * Tp_, C, stream);
+            main_->forward(gpu_, embedded_.data(), Tp_, nullptr, 0, key_mask_.data(), pos_shift_.data(), model_.params.data());
+            gather_rows(hidden_.data(), main_->out(), last_rows_.data(), B_, C, stream);
+            head_and_sample(hidden_.data(), nullptr, 0, -1);
+            set_counters_kernel<<<1, 1, 0, stream>>>(counters_.data(), Tp_, 1);
+        }
+        cudaCheckLaunch();
+    }
+
+    // One decode step: vanilla, one token; block, one block (LB tokens) and the block-decoder step after it.
+    // Everything it launches is graph-capturable: no allocation, no host synchronisation, positions from counters_.
+    void decode_step() {
+        cudaStream_t stream = gpu_.stream;
+        const floatX* params = model_.params.data();
+        int* position = counters_.data();
+        int* column = counters_.data() + 1;
+        if (!cfg_.is_block) {
+            const int C = cfg_.token_decoder.C;
+            gather_rows(embedded_.data(), param("gpt_neox.embed_in.weight"), current_.data(), B_, C, stream);
+            main_->forward(gpu_, embedded_.data(), 1, position, 0, key_mask_.data(), pos_shift_.data(), params);
+            head_and_sample(main_->out(), column, 0, -1);
+            advance_counters_kernel<<<1, 1, 0, stream>>>(counters_.data(), 1, 1);
+            cudaCheckLaunch();
+            return;
+        }
+        const int LB = cfg_.LB, P = cfg_.P, DB = cfg_.block_decoder.C, HT = cfg_.token_decoder.C;
+        // expansion (SPEC 1.5): P prefix vectors, then the token decoder's local generation at positions 0..P+LB-2
+        linear_forward(gpu_, prefix_.data(), context_.data(), param("token_decoder.expansion_layer.weight"),
+                       param("token_decoder.expansion_layer.bias"), B_, DB, P * HT);
+        token_->forward(gpu_, prefix_.data(), P, nullptr, 0, nullptr, nullptr, params);
+        gather_rows(hidden_.data(), token_->out(), token_last_rows_.data(), B_, HT, stream);
+        head_and_sample(hidden_.data(), column, 0, 0);
+        for (int j = 0; j + 1 < LB; j++) {   // token j in, token j+1 out
+            gather_rows(token_embedded_.data(), param("token_decoder.gpt_neox.embed_in.weight"), current_.data(), B_, HT, stream);
+            token_->forward(gpu_, token_embedded_.data(), 1, nullptr, P + j, nullptr, nullptr, params);
+            head_and_sample(token_->out(), column, j + 1, j + 1);
+        }
+        // the new block through the embedder and one block-decoder step at the next block position
+        gather_rows(embedded_.data(), param("embedder.embeddings.weight"), block_ids_.data(), (size_t)B_ * LB, cfg_.DE, stream);
+        main_->forward(gpu_, embedded_.data(), 1, position, 0, key_mask_.data(), nullptr, params);
+        cudaCheck(cudaMemcpyAsync(context_.data(), main_->out(), (size_t)B_ * DB * sizeof(floatX), cudaMemcpyDeviceToDevice, stream));
+        advance_counters_kernel<<<1, 1, 0, stream>>>(counters_.data(), 1, LB);
+        cudaCheckLaunch();
+    }
+
+    // The decode step as a CUDA graph: captured on first use, replayed after.
+    void launch_graph() {
+        if (!graph_exec_) {
+            cudaCheck(cudaStreamBeginCapture(gpu_.stream, cudaStreamCaptureModeThreadLocal));
+            try {
+                decode_step();
+            } catch (...) {
+                cudaGraph_t broken = nullptr;
+                cudaStreamEndCapture(gpu_.stream, &broken);
+                if (broken) cudaGraphDestroy(broken);
+                throw;
+            }
+            cudaCheck(cudaStreamEndCapture(gpu_.stream, &graph_));
+            cudaCheck(cudaGraphInstantiate(&graph_exec_, graph_, 0));
+        }
+        cudaCheck(cudaGraphLaunch(graph_exec_, gpu_.stream));
+    }
+
+    // Copies output columns [first, first+count) to pinned memory and records when they are there.
+    template <typename OnTokens>
+    void enqueue_copy(int first, int count, OnTokens& on_tokens) {
+        if (pending_tail_ - pending_head_ == kInFlight) poll_one(on_tokens, true);
+        const size_t pitch = (size_t)columns_ * sizeof(int);
+        cudaCheck(cudaMemcpy2DAsync(host_tokens_->data() + first, pitch, history_.data() + first, pitch, count * sizeof(int), B_,
+                                    cudaMemcpyDeviceToHost, gpu_.stream));
+        const int slot = pending_tail_ % kInFlight;
+        cudaCheck(cudaEventRecord(events_[slot], gpu_.stream));
+        pending_ready_[slot] = first + count;
+        pending_tail_++;
+    }
+
+    // Takes the oldest pending copy if it has completed (or waits for it); returns whether it did.
+    template <typename OnTokens>
+    bool poll_one(OnTokens& on_tokens, bool wait) {
+        if (pending_head_ == pending_tail_) return false;
+        const int slot = pending_head_ % kInFlight;
+        if (wait) {
+            cudaCheck(cudaEventSynchronize(events_[slot]));
+        } else {
+            const cudaError_t status = cudaEventQuery(events_[slot]);
+            if (status == cudaErrorNotReady) {
+                const cudaError_t last = cudaGetLastError();   // clear it in case the runtime recorded "not ready"
+                if (last != cudaErrorNotReady) cudaCheck(last);
+                return false;
+            }
+            cudaCheck(status);
+        }
+        pending_head_++;
+        const int ready = std::min(pending_ready_[slot], max_new_);
+        for (int b = 0; b < B_; b++)
+            for (int c = ready_; c < ready && !row_done_[b]; c++)
+                if (options_.stop_at_eos && tokens(b)[c] == kEosId) row_done_[b] = 1;
+        if (ready > ready_) {
+            ready_ = ready;
+            on_tokens(ready_);
+        }
+        return true;
+    }
+    template <typename OnTokens>
+    void poll(OnTokens& on_tokens, bool wait) {
+        while (poll_one(on_tokens, wait)) {}
+    }
+    bool all_done() const {
+        if (ready_ >= max_new_) return true;
+        return std::all_of(row_done_.begin(), row_done_.end(), [](char done) { return done != 0; });
+    }
+};

@@ -496,3 +496,59 @@ GPU_TEST_CASE("gpu: a run saved and resumed gives bit-identical losses and weigh
     CHECK(exported.metadata().at("format") == "pt");
     fs::remove_all(dir);
 }
+
+// Writes a checkpoint-like .safetensors of the config's tensors (zeros), plus extra tensors, into dir.
+static std::string write_weights(const std::string& dir, const ModelConfig& config,
+                                 const std::vector<std::pair<std::string, std::vector<int64_t>>>& extra = {}) {
+    std::filesystem::create_directories(dir);
+    TensorTable table = build_tensor_table(config);
+    static std::vector<float> zeros;
+    zeros.assign(table.num_params + 4096, 0.0f);
+    std::vector<TensorToWrite> tensors;
+    for (const ParamTensor& t : table.tensors)
+        tensors.push_back({t.name, DType::F32, std::vector<int64_t>(t.shape.begin(), t.shape.end()), zeros.data()});
+    for (const auto& e : extra) tensors.push_back({e.first, DType::F32, e.second, zeros.data()});
+    const std::string path = dir + "/model.safetensors";
+    write_safetensors(path, tensors, {{"format", "pt"}});
+    return path;
+}
+
+TEST_CASE("checkpoint: released layouts load: config-less block weights, HF GPT-NeoX config, old Pythia buffers") {
+    namespace fs = std::filesystem;
+    const std::string root = (fs::temp_directory_path() / ("blocktf_import_" + std::to_string(getpid()))).string();
+    fs::remove_all(root);
+
+    // a released block checkpoint: model.safetensors only; the shape is inferred and recognised
+    const std::string block_weights = write_weights(root + "/block", config_by_name("tiny_block"));
+    CHECK(read_checkpoint_config(root + "/block").name == "tiny_block");
+    CHECK(read_checkpoint_config(block_weights).name == "tiny_block");   // the file itself works too
+
+    // a HuggingFace GPTNeoXForCausalLM directory: config.json with HF's keys, weights with the 2023 buffers
+    const ModelConfig vanilla = config_by_name("tiny_vanilla");
+    const std::string hf = root + "/pythia";
+    write_weights(hf, vanilla, {{"gpt_neox.layers.0.attention.bias", {1, 1, 16, 16}}, {"gpt_neox.layers.0.attention.masked_bias", {}},
+                                {"gpt_neox.layers.1.attention.rotary_emb.inv_freq", {2}}});
+    const std::string hf_config = "{\"architectures\": [\"GPTNeoXForCausalLM\"], \"model_type\": \"gpt_neox\", \"vocab_size\": 96, "
+                                  "\"hidden_size\": 32, \"num_attention_heads\": 2, \"num_hidden_layers\": 2, \"intermediate_size\": 96, "
+                                  "\"max_position_embeddings\": 16, \"rotary_pct\": 0.25, \"use_parallel_residual\": true, "
+                                  "\"hidden_act\": \"gelu\", \"tie_word_embeddings\": false}";
+    write_text_file_atomically(hf + "/config.json", hf_config);
+    ModelConfig loaded = read_checkpoint_config(hf);
+    CHECK(loaded.name == "tiny_vanilla");
+    CHECK(read_checkpoint_weights(SafetensorsFile::open(hf + "/model.safetensors"), build_tensor_table(loaded)).size() ==
+          build_tensor_table(vanilla).num_params);
+
+    // what does not fit is named
+    std::string unsupported = hf_config;
+    unsupported.replace(unsupported.find("0.25"), 4, "0.5");
+    write_text_file_atomically(hf + "/config.json", unsupported);
+    CHECK_THROWS_WITH_AS(read_checkpoint_config(hf), doctest::Contains("rotary_pct must be 0.25"), std::runtime_error);
+    write_weights(root + "/odd", vanilla, {{"gpt_neox.layers.0.attention.extra.weight", {4}}});
+    CHECK_THROWS_WITH_AS(read_checkpoint_weights(SafetensorsFile::open(root + "/odd/model.safetensors"), build_tensor_table(vanilla)),
+                         doctest::Contains("unexpected tensor gpt_neox.layers.0.attention.extra.weight"), std::runtime_error);
+    CHECK_THROWS_WITH_AS(read_checkpoint_weights(SafetensorsFile::open(block_weights), build_tensor_table(vanilla)),
+                         doctest::Contains("missing tensor gpt_neox.embed_in.weight"), std::runtime_error);
+    CHECK_THROWS_WITH_AS(read_checkpoint_config(root + "/odd"), doctest::Contains("head count is not stored"), std::runtime_error);
+    CHECK_THROWS_WITH_AS(read_checkpoint_config(root + "/nothing"), doctest::Contains("not a checkpoint"), std::runtime_error);
+    fs::remove_all(root);
+}
