@@ -36,7 +36,8 @@ PROGRAMS   := train infer prepare
 # `make train` and `make infer` run the programs, so their binaries are built under build/bin/ and
 # ./train, ./infer are symlinks to them.
 BIN        := $(BUILD)/bin
-TRAIN_ARGS ?= --config block_main_b4_5 --data $(DATA_DIR)/idxmap/shipped_corpus_text_document --out out/block_main_b4_5
+TRAIN_ARGS ?= --config block_main_b4_5 --data $(DATA_DIR)/idxmap/shipped_corpus_text_document --out out/block_main_b4_5 \
+              --steps 300 --warmup 30 --batch-size 64 --micro-batch 32 --val-interval 50 --checkpoint-interval 100
 INFER_ARGS ?= --checkpoint out/block_main_b4_5 --prompt "It was a dark and stormy night"
 
 TEST_SRCS  := $(wildcard test/*.cpp test/*.cu)
