@@ -1319,6 +1319,8 @@ private:
 // Position. (seed, epoch, index): `index` samples of epoch `epoch` have been handed out. After the last sample of an
 // epoch the position is (epoch + 1, 0). restore() checks the seed and the samples-per-epoch count, so a checkpoint
 // resumes exactly the same sequence of batches, or is refused when the data or the options changed.
+// Threads: sample() is const and may run on several threads; next_batch(), sample_at() and restore() change the
+// loader, so one thread at a time (a prefetch thread that owns the loader is fine).
 // Cost. Construction: one pass over the split's sizes, building start_ (8 bytes per document: 1.1 GB for 134M
 // documents). Each epoch: one shuffle (4 bytes per sample). Each sample: a binary search in start_, then spans
 // copied from the mapping. Nothing per token beyond that copy (and the vocabulary check that rides on it).
@@ -1628,6 +1630,16 @@ inline ShardStats shard_stats(const TokenShard& shard, int64_t vocab_size = kSha
     uint64_t done = 0;  // tokens scanned
     const size_t chunk = (size_t)1 << 24;
     bool reported = false;
+    auto report = [&] {
+        const auto now = clock::now();
+        if (!show_progress || now - last_report < std::chrono::seconds(1)) return;
+        const double seconds = std::chrono::duration<double>(now - start).count();
+        std::fprintf(stderr, "\rscanning %s: %5.1f%% of %s tokens, %.0f MB/s   ", shard.bin_path().c_str(),
+                     100.0 * (double)done / (double)std::max<uint64_t>(s.tokens, 1),
+                     loader_detail::with_commas(s.tokens).c_str(), done * shard.itemsize() / seconds / 1e6);
+        last_report = now;
+        reported = true;
+    };
     for (size_t doc = 0; doc < s.documents; doc++) {
         const size_t n = shard.doc_size(doc);
         s.empty_documents += n == 0;
@@ -1646,18 +1658,9 @@ inline ShardStats shard_stats(const TokenShard& shard, int64_t vocab_size = kSha
                                                     s.out_of_vocab, first_bad);
             if (bad_before == 0 && s.out_of_vocab > 0) { s.first_bad_doc = doc; s.first_bad_offset = begin + first_bad; }
             done += count;
+            if (count == chunk) report();  // inside a very long document
         }
-        if (show_progress && (doc & 0xFFFF) == 0) {
-            const auto now = clock::now();
-            if (now - last_report > std::chrono::seconds(1)) {
-                const double seconds = std::chrono::duration<double>(now - start).count();
-                std::fprintf(stderr, "\rscanning %s: %5.1f%% of %s tokens, %.0f MB/s   ", shard.bin_path().c_str(),
-                             100.0 * (double)done / (double)std::max<uint64_t>(s.tokens, 1),
-                             loader_detail::with_commas(s.tokens).c_str(), done * shard.itemsize() / seconds / 1e6);
-                last_report = now;
-                reported = true;
-            }
-        }
+        if ((doc & 0xFFFF) == 0) report();
     }
     if (reported) std::fprintf(stderr, "\n");
     return s;
