@@ -1554,38 +1554,26 @@ private:
     static constexpr size_t kStagingFloats = 64ull << 20;   // 256 MiB of fp32 at a time
 };
 
-// A checkpoint directory (model.safetensors, config.json) or a training output directory (its newest complete
-// checkpoint-<step>/). Throws saying what was expected.
-inline std::string resolve_checkpoint_dir(const std::string& path) {
+// What --checkpoint names: a checkpoint (a directory holding model.safetensors, or the .safetensors file) or a
+// training output directory, whose newest complete checkpoint-<step>/ is taken. Throws saying what was expected.
+inline std::string resolve_checkpoint(const std::string& path) {
     namespace fs = std::filesystem;
-    if (fs::exists(fs::path(path) / "model.safetensors")) return path;
-    if (!fs::is_directory(path))
-        throw std::runtime_error("checkpoint '" + path + "' does not exist (give a checkpoint directory with model.safetensors, "
-                                 "or a training output directory)");
-    const std::string latest = latest_checkpoint(path);
-    if (latest.empty())
-        throw std::runtime_error("no checkpoint in '" + path + "': it has no model.safetensors and no complete checkpoint-<step>/ "
-                                 "directory");
-    return latest;
+    if (!fs::exists(path)) throw std::runtime_error("checkpoint '" + path + "' does not exist");
+    if (fs::is_directory(path) && !fs::exists(fs::path(path) / "model.safetensors")) {
+        const std::string latest = latest_checkpoint(path);
+        if (latest.empty())
+            throw std::runtime_error("no checkpoint in '" + path + "': it holds neither model.safetensors nor a complete "
+                                     "checkpoint-<step>/ directory");
+        return latest;
+    }
+    return path;
 }
 
-// The model shape of a checkpoint: its config.json, or for a released Block Transformer checkpoint without one the
-// shape inferred from the tensors (SPEC 6.1).
-inline ModelConfig checkpoint_model_config(const std::string& dir, const SafetensorsFile& weights) {
-    if (std::filesystem::exists(dir + "/config.json")) return read_checkpoint_config(dir);
-    if (!weights.find("embedder.embeddings.weight"))
-        throw std::runtime_error(dir + " has no config.json; a model shape can only be inferred for Block Transformer checkpoints");
-    std::vector<std::pair<std::string, std::vector<size_t>>> shapes;
-    for (const SafeTensor& t : weights.tensors()) shapes.push_back({t.name, std::vector<size_t>(t.shape.begin(), t.shape.end())});
-    return infer_block_config(shapes);
-}
-
-// Weights and shape of the checkpoint at path (see resolve_checkpoint_dir).
+// Weights and shape (read_checkpoint_config) of the checkpoint that path names (resolve_checkpoint).
 inline std::unique_ptr<InferenceModel> load_inference_model(const std::string& path) {
-    const std::string dir = resolve_checkpoint_dir(path);
-    SafetensorsFile weights = SafetensorsFile::open(dir + "/model.safetensors");
-    auto model = std::make_unique<InferenceModel>(checkpoint_model_config(dir, weights));
-    model->load(read_checkpoint_weights(weights, model->table));
+    const std::string checkpoint = resolve_checkpoint(path);
+    auto model = std::make_unique<InferenceModel>(read_checkpoint_config(checkpoint));
+    model->load(read_checkpoint_weights(SafetensorsFile::open(locate_checkpoint(checkpoint).weights), model->table));
     return model;
 }
 
@@ -2128,30 +2116,37 @@ struct OwnedStream {
 // One batch of prompts through cached generation. The constructor checks the prompts against the model and
 // allocates everything (caches, scratch, pinned output); run() does the prefill and the decode steps, and may be
 // called again (benchmarks: the same prompts, the captured graph reused).
+// Checks a generation request before anything is allocated; returns the longest prompt's length. Throws naming the
+// prompt (1-based) or the option that is wrong.
+inline int validate_generation(const ModelConfig& cfg, const std::vector<std::vector<int>>& prompts, const GenerationOptions& options) {
+    validate_sampling(options.sampling);
+    if (prompts.empty()) throw std::runtime_error("generation needs at least one prompt");
+    if (options.max_new_tokens < 1) throw std::runtime_error("the number of new tokens must be >= 1");
+    int longest = 0;
+    for (size_t b = 0; b < prompts.size(); b++) {
+        if (prompts[b].empty()) throw std::runtime_error("prompt " + std::to_string(b + 1) + " is empty (it has no tokens)");
+        for (int id : prompts[b])
+            if (id < 0 || id >= cfg.V)
+                throw std::runtime_error("prompt " + std::to_string(b + 1) + " has token id " + std::to_string(id) +
+                                         ", outside the model's vocabulary of " + std::to_string(cfg.V));
+        longest = std::max(longest, (int)prompts[b].size());
+    }
+    const int needed = generation_context_tokens(cfg, longest, options.max_new_tokens);
+    if (needed > cfg.T)
+        throw std::runtime_error("the longest prompt has " + std::to_string(longest) + " tokens and " +
+                                 std::to_string(options.max_new_tokens) + " new ones are asked for: that needs " +
+                                 std::to_string(needed) + " positions" +
+                                 (cfg.is_block ? " (whole blocks of " + std::to_string(cfg.LB) + ")" : "") +
+                                 ", but the model's context is " + std::to_string(cfg.T) + " tokens");
+    return longest;
+}
+
 class Generation {
 public:
     Generation(const InferenceModel& model, const std::vector<std::vector<int>>& prompts, const GenerationOptions& options)
-        : model_(model), cfg_(model.cfg), options_(options), B_((int)prompts.size()) {
-        validate_sampling(options.sampling);
-        if (B_ < 1) throw std::runtime_error("generation needs at least one prompt");
-        if (options.max_new_tokens < 1) throw std::runtime_error("the number of new tokens must be >= 1");
-        int longest = 0;
-        for (size_t b = 0; b < prompts.size(); b++) {
-            if (prompts[b].empty()) throw std::runtime_error("prompt " + std::to_string(b + 1) + " is empty (it has no tokens)");
-            for (int id : prompts[b])
-                if (id < 0 || id >= cfg_.V)
-                    throw std::runtime_error("prompt " + std::to_string(b + 1) + " has token id " + std::to_string(id) +
-                                             ", outside the model's vocabulary of " + std::to_string(cfg_.V));
-            longest = std::max(longest, (int)prompts[b].size());
-        }
-        max_new_ = options.max_new_tokens;
-        const int needed = generation_context_tokens(cfg_, longest, max_new_);
-        if (needed > cfg_.T)
-            throw std::runtime_error("the longest prompt has " + std::to_string(longest) + " tokens and " + std::to_string(max_new_) +
-                                     " new ones are asked for: that needs " + std::to_string(needed) + " positions" +
-                                     (cfg_.is_block ? " (whole blocks of " + std::to_string(cfg_.LB) + ")" : "") +
-                                     ", but the model's context is " + std::to_string(cfg_.T) + " tokens");
-
+        : model_(model), cfg_(model.cfg), options_(options), longest_(validate_generation(model.cfg, prompts, options)),
+          B_((int)prompts.size()), max_new_(options.max_new_tokens) {
+        const int longest = longest_;
         const int LB = cfg_.is_block ? cfg_.LB : 1;
         Tp_ = (longest + LB - 1) / LB * LB;
         if (cfg_.is_block) {
@@ -2283,7 +2278,8 @@ private:
     const InferenceModel& model_;
     ModelConfig cfg_;
     GenerationOptions options_;
-    int B_ = 0, Tp_ = 0, n0_ = 0, max_new_ = 0, steps_ = 0, columns_ = 0;
+    int longest_ = 0;   // validated first, before any member allocates
+    int B_ = 0, max_new_ = 0, Tp_ = 0, n0_ = 0, steps_ = 0, columns_ = 0;
     std::vector<int> pad_;
     std::unique_ptr<OwnedStream> stream_;   // declared before gpu_: destroyed after it
     Gpu gpu_;
