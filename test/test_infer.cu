@@ -234,9 +234,10 @@ TEST_CASE("infer: streamed text never splits a multi-byte character") {
 struct TinyModels {
     Reference<float> reference;
     InferenceModel gpu;
+    std::vector<float> host;   // the weights both hold, laid out by the table
     explicit TinyModels(const char* name) : reference(config_by_name(name)), gpu(config_by_name(name)) {
         SafetensorsFile weights = SafetensorsFile::open(fixture_path(std::string(name) + ".model.safetensors"));
-        std::vector<float> host = read_params_by_table(weights, reference.table);
+        host = read_params_by_table(weights, reference.table);
         for (float& x : host) x = rounded_to_floatX(x);
         std::copy(host.begin(), host.end(), reference.params.begin());
         gpu.load(host);
@@ -278,17 +279,23 @@ Generated generate_on_gpu(const InferenceModel& model, const std::vector<std::ve
     return g;
 }
 
-// The reference's logits for every generated position, in Generated::logits' layout.
-// Block model: the reference runs the batch as generation saw it: the left-padded prompts (pads id 0, mask 0), then the
-// generated ids, then filler up to the block boundary (it only follows the last compared slot inside the last block,
-// so it is never seen by a compared position). Slot j of target block k has reference row ((b*(NB-1)) + k-1)*LB + j.
-// Vanilla model: each row alone, unpadded (prompt + generated): position t predicts t+1.
-std::vector<float> reference_logits(Reference<float>& reference, const std::vector<std::vector<int>>& prompts, const Generated& g) {
-    const ModelConfig& c = reference.cfg;
+// The logits of a full forward pass over the generated sequences for every generated position, in Generated::logits'
+// layout. forward(batch) runs the model and returns the logits of a list of rows; row_of gives, for (batch row b,
+// target block k, slot j) of a block model or (b, position t) of a vanilla one, the index of the logits row.
+// Block model: one batch as generation saw it: the left-padded prompts (pads id 0, mask 0), the generated ids, then
+// filler up to the block boundary (it follows the last compared slot inside the last block, so no compared position
+// sees it); slot j of target block k predicts position k*LB + j. Vanilla model: each row alone, unpadded (prompt +
+// generated): position t predicts t+1.
+template <typename Forward, typename RowOf>
+std::vector<float> full_forward_logits(const ModelConfig& c, const std::vector<std::vector<int>>& prompts, const Generated& g,
+                                       Forward&& forward, RowOf&& row_of) {
     const int B = (int)prompts.size(), G = (int)g.tokens[0].size(), V = c.V;
     std::vector<float> out((size_t)B * G * V);
+    auto take = [&](const std::vector<float>& logits, size_t row, int b, int col) {
+        std::copy(logits.begin() + row * V, logits.begin() + (row + 1) * V, out.begin() + ((size_t)b * G + col) * V);
+    };
     if (c.is_block) {
-        const int LB = c.LB, n0 = g.padded / LB, T = (n0 + (G + LB - 1) / LB) * LB, NB = T / LB;
+        const int LB = c.LB, n0 = g.padded / LB, T = (n0 + (G + LB - 1) / LB) * LB;
         Batch batch;
         batch.B = B;
         batch.T = T;
@@ -299,14 +306,9 @@ std::vector<float> reference_logits(Reference<float>& reference, const std::vect
             std::copy(prompts[b].begin(), prompts[b].end(), batch.ids.begin() + (size_t)b * T + g.pads[b]);
             std::copy(g.tokens[b].begin(), g.tokens[b].end(), batch.ids.begin() + (size_t)b * T + g.padded);
         }
-        reference.forward(batch);
+        const std::vector<float> logits = forward(batch);
         for (int b = 0; b < B; b++)
-            for (int col = 0; col < G; col++) {
-                const int k = n0 + col / LB, j = col % LB;
-                const size_t row = ((size_t)b * (NB - 1) + k - 1) * LB + j;
-                std::copy(reference.logits.begin() + row * V, reference.logits.begin() + (row + 1) * V,
-                          out.begin() + ((size_t)b * G + col) * V);
-            }
+            for (int col = 0; col < G; col++) take(logits, row_of(batch, b, n0 + col / LB, col % LB), b, col);
         return out;
     }
     for (int b = 0; b < B; b++) {
@@ -317,14 +319,50 @@ std::vector<float> reference_logits(Reference<float>& reference, const std::vect
         batch.ids = prompts[b];
         batch.ids.insert(batch.ids.end(), g.tokens[b].begin(), g.tokens[b].end());
         batch.mask.assign(batch.ids.size(), 1);
-        reference.forward(batch);
-        for (int col = 0; col < G; col++) {
-            const size_t row = (size_t)len + col - 1;
-            std::copy(reference.logits.begin() + row * V, reference.logits.begin() + (row + 1) * V,
-                      out.begin() + ((size_t)b * G + col) * V);
-        }
+        const std::vector<float> logits = forward(batch);
+        for (int col = 0; col < G; col++) take(logits, row_of(batch, 0, len + col - 1, 0), b, col);
     }
     return out;
+}
+
+// The CPU reference: block logits (B, NB-1, LB, V) of target blocks 1..NB-1; vanilla (B, T, V).
+std::vector<float> reference_logits(Reference<float>& reference, const std::vector<std::vector<int>>& prompts, const Generated& g) {
+    const ModelConfig& c = reference.cfg;
+    return full_forward_logits(
+        c, prompts, g,
+        [&](const Batch& batch) {
+            reference.forward(batch);
+            return reference.logits;
+        },
+        [&](const Batch& batch, int b, int k, int j) {
+            return c.is_block ? ((size_t)b * (batch.T / c.LB - 1) + k - 1) * c.LB + j : (size_t)b * batch.T + k;
+        });
+}
+
+// The GPU training path (GpuModel::forward) on the same weights: a yardstick for how much of the cached path's error
+// is floatX storage itself. Its logits are those of the scored rows (mask 1) in (b, k, j) / (b, t) order.
+std::vector<float> training_path_logits(const TinyModels& models, const std::vector<std::vector<int>>& prompts, const Generated& g) {
+    const ModelConfig& c = models.gpu.cfg;
+    return full_forward_logits(
+        c, prompts, g,
+        [&](const Batch& batch) {
+            GpuModel model(c, batch.B, batch.T);
+            model.load_parameters(models.host);
+            model.keep_logits = true;
+            model.forward(plan_batch(c, batch.B, batch.T, batch.ids, batch.mask), 0.0f);
+            return model.host_logits;
+        },
+        [&](const Batch& batch, int b, int k, int j) {
+            if (!c.is_block) return (size_t)b * (batch.T - 1) + k;   // every target is scored
+            size_t scored = 0;                                       // scored rows before slot j of block k of row b
+            for (int bb = 0; bb < batch.B; bb++)
+                for (int kk = 1; kk < batch.T / c.LB; kk++)
+                    for (int jj = 0; jj < c.LB; jj++) {
+                        if (bb == b && kk == k && jj == j) return scored;
+                        scored += batch.mask[(size_t)bb * batch.T + kk * c.LB + jj];
+                    }
+            return scored;
+        });
 }
 
 // Each chosen id against the logits it was drawn from: greedy = the argmax (lowest id on ties); sampling = inside the
@@ -360,13 +398,16 @@ void check_choices(const Generated& g, const SamplingSettings& s, int V) {
         }
 }
 
-double check_logits(TinyModels& models, const std::vector<std::vector<int>>& prompts, const GenerationOptions& options) {
+// Returns the relative error of the cached path and of the training path, both against the reference.
+std::pair<double, double> check_logits(TinyModels& models, const std::vector<std::vector<int>>& prompts, const GenerationOptions& options) {
     Generated g = generate_on_gpu(models.gpu, prompts, options);
     REQUIRE(g.tokens[0].size() == (size_t)options.max_new_tokens);
     std::vector<float> expected = reference_logits(models.reference, prompts, g);
     REQUIRE(g.logits.size() == expected.size());
     const double error = relative_error(g.logits.data(), expected.data(), expected.size());
     CHECK(error < kTolerance);
+    const std::vector<float> training = training_path_logits(models, prompts, g);
+    const double training_error = relative_error(training.data(), expected.data(), expected.size());
     check_choices(g, options.sampling, models.gpu.cfg.V);
     // the same run without the CUDA graph: the same kernels in the same order, so bit-identical
     GenerationOptions eager = options;
@@ -374,20 +415,19 @@ double check_logits(TinyModels& models, const std::vector<std::vector<int>>& pro
     Generated e = generate_on_gpu(models.gpu, prompts, eager);
     CHECK(e.tokens == g.tokens);
     CHECK(std::memcmp(e.logits.data(), g.logits.data(), g.logits.size() * sizeof(float)) == 0);
-    return error;
+    return {error, training_error};
 }
 
 void check_cached_logits(const char* name, const std::vector<int>& lengths_block) {
     TinyModels models(name);
-    const bool block = models.gpu.cfg.is_block;
     const std::vector<int> p2 = prompt_of_length(2, 3), p5 = prompt_of_length(5, 1), p8 = prompt_of_length(8, 2);
     // 5 tokens: not on a block boundary (3 pads); 8: on it; a batch of 5, 8 and 2 tokens (block: 2 gets a whole pad
     // block, masked in the block decoder; vanilla: rows padded by 3 and 6, masked and with shifted positions)
     const std::vector<std::vector<std::vector<int>>> cases = {{p5}, {p8}, {p5, p8, p2}};
     // greedy; temperature with top-k and top-p; top-p alone
     const SamplingSettings modes[] = {SamplingSettings{}, SamplingSettings{1.0f, 12, 0.9f, 7}, SamplingSettings{0.7f, 0, 0.8f, 3}};
-    double worst = 0.0;
     for (const SamplingSettings& mode : modes) {
+        double worst = 0.0, worst_training = 0.0;
         GenerationOptions options;
         options.stop_at_eos = false;   // keep going through <|endoftext|>: every position is compared
         options.sampling = mode;
@@ -402,12 +442,16 @@ void check_cached_logits(const char* name, const std::vector<int>& lengths_block
             for (int max_new : lengths_block) {
                 options.max_new_tokens = max_new > 0 ? max_new : max_new_tokens_that_fit(models.gpu.cfg, longest) + max_new;
                 CAPTURE(options.max_new_tokens);
-                worst = std::max(worst, check_logits(models, prompts, options));
+                const std::pair<double, double> errors = check_logits(models, prompts, options);
+                worst = std::max(worst, errors.first);
+                worst_training = std::max(worst_training, errors.second);
             }
         }
+        MESSAGE(std::string(name) << " (" << std::string(kPrecisionName) << ", temperature " << mode.temperature << ", top-k "
+                                  << mode.top_k << ", top-p " << mode.top_p << "): generated logits vs the reference forward, "
+                                  << "worst relative error " << worst << " (the training path on the same sequences: "
+                                  << worst_training << ")");
     }
-    MESSAGE(name << " (" << kPrecisionName << "): cached-generation logits vs the reference forward, worst relative error "
-                 << worst << (block ? " (block)" : " (vanilla)"));
 }
 
 GPU_TEST_CASE("infer: tiny_block cached generation logits equal the full forward (prompts on and off a block boundary)") {
@@ -478,8 +522,8 @@ void check_greedy_tokens(const char* name) {
             CAPTURE(same);
             CHECK(margins[same] < near_tie);
         }
-        MESSAGE(name << " prompt " << length << ": " << same << " of " << cpu.size() << " greedy tokens equal the reference's"
-                     << (same < (int)cpu.size() ? " (then a near-tie)" : ""));
+        MESSAGE(std::string(name) << " prompt " << length << ": " << same << " of " << cpu.size() << " greedy tokens equal the reference's"
+                     << std::string(same < (int)cpu.size() ? " (then a near-tie)" : ""));
     }
 }
 
