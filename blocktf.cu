@@ -1626,7 +1626,7 @@ struct alignas(16) FloatXPack {
 // One thread block per (sequence, query, head); its kAttentionWarps warps take turns over chunks of 32 keys with an
 // online softmax each (a lane scores one key; for the weighted sum of values a lane owns HS/32 dimensions), and
 // the warps' partial results are merged at the end. A query that sees no key outputs 0, as the reference does.
-constexpr int kAttentionWarps = 4;
+constexpr int kAttentionWarps = 8;
 
 template <int HS>
 __global__ void __launch_bounds__(kAttentionWarps * 32)
@@ -1674,14 +1674,18 @@ attention_cached_kernel(floatX* out, const floatX* q, const floatX* k_cache, con
         l = l * correction + warp_sum(p);
 #pragma unroll
         for (int t = 0; t < kDimsPerLane; t++) o[t] *= correction;
+        // Unrolled without an early exit, so several value rows are loaded at once; an invisible key (p = 0, the
+        // same in every lane) is never read.
+#pragma unroll 8
         for (int jj = 0; jj < 32; jj++) {
             const float pj = __shfl_sync(0xffffffff, p, jj);
-            if (pj == 0.0f) continue;   // invisible key (never read) or an exact-zero weight: the same in every lane
-            const floatX* v = values + (size_t)(base + jj) * HS;
+            if (pj != 0.0f) {
+                const floatX* v = values + (size_t)(base + jj) * HS;
 #pragma unroll
-            for (int t = 0; t < kDimsPerLane; t++) {
-                const int d = lane + 32 * t;
-                if (d < HS) o[t] += pj * to_f32(v[d]);
+                for (int t = 0; t < kDimsPerLane; t++) {
+                    const int d = lane + 32 * t;
+                    if (d < HS) o[t] += pj * to_f32(v[d]);
+                }
             }
         }
         m = m_new;
