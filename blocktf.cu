@@ -31,6 +31,10 @@
 #include "loader.h"   // defines: JSON, safetensors reading and writing, bf16 conversion
 #include "model.h"
 
+// Everything below has internal linkage: a program includes this file once, but the GPU tests include it in two
+// translation units (test_gpu.cu directly, test_infer.cu through infer.cu, as llm.c's test includes its trainer).
+namespace {
+
 // ----------------------------------------------------------------------------------------------------------------
 // Precision: PRECISION=BF16 stores weights and activations in bf16 (fp32 master weights and AdamW moments);
 // PRECISION=FP32 builds the same code in fp32, to test against the CPU reference at 1e-5.
@@ -2461,3 +2465,5 @@ private:
         return std::all_of(row_done_.begin(), row_done_.end(), [](char done) { return done != 0; });
     }
 };
+
+}  // namespace

@@ -32,13 +32,10 @@
 #include "tokenizer.h"
 #include "test/test_models.h"
 
-// blocktf.cu is also compiled into test/test_gpu.cu, and its kernels are ordinary (external) functions: a second
-// copy here would clash at link time. Inside an anonymous namespace this copy has internal linkage. Every header
-// that blocktf.cu and infer.cu include is included above, so none of them lands inside the namespace.
+// infer.cu without its main(): its option parsing and text streaming are tested here; blocktf.cu, which it
+// includes, has internal linkage, so test_gpu.cu's copy does not clash with this one.
 #define BLOCKTF_INFER_NO_MAIN
-namespace {
 #include "infer.cu"   // defines: parse_infer_options, read_prompt_file, TextStream, ...; includes blocktf.cu
-}
 
 namespace {
 
