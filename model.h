@@ -218,14 +218,13 @@ struct TensorTable {
 // kernels want; the gaps are never read.
 constexpr size_t kTensorAlignment = 128;
 
-// Tolerances for the BF16 build: the norm-wise relative error of a tensor's gradient, whole GPU model vs the CPU
-// reference on the same (bf16-rounded) weights. Every activation, activation gradient and parameter gradient is
-// stored in bf16 (2^-9 relative rounding each), so errors add up along the chain: measured on the tiny configs
-// 0.5-1.4% for matrices and up to 2% for LayerNorm parameters, biases and embeddings, which sum over many rows
-// (dev/NOTES.md). Single kernels are held to 1e-2 in the GPU tests.
-constexpr float kBf16TolMatrix = 1.5e-2f;
-constexpr float kBf16TolVector = 2.5e-2f;
-constexpr float kBf16TolEmbedding = 2.5e-2f;
+// Tolerances for the BF16 build: the norm-wise relative error allowed for a gradient of this kind of tensor when
+// one GPU kernel is compared with the CPU reference on identical inputs (one bf16 rounding of the output is ~2^-9;
+// sums over many rows, as for biases, LayerNorm parameters and embeddings, are held a little looser). The GPU
+// tests hold the whole model, where bf16 roundings add up along the chain, to a documented multiple of these.
+constexpr float kBf16TolMatrix = 5e-3f;
+constexpr float kBf16TolVector = 1e-2f;
+constexpr float kBf16TolEmbedding = 1e-2f;
 
 inline void add_tensor(std::vector<ParamTensor>& list, std::string name, std::vector<size_t> shape,
                        bool is_embedding = false) {

@@ -1,8 +1,11 @@
 // test_gpu.cu: every GPU kernel against the CPU reference (test/reference.h) on fresh random inputs, then the
 // whole model against the reference and against the PyTorch fixtures. Reported as skipped without a GPU.
 // Outputs are poisoned (all bits set: NaN in fp32 and bf16) before each run, so an unwritten element fails.
-// Tolerances (METHOD.md, norm-wise relative error): FP32 build 1e-5; BF16 build 1e-2 for kernels, and the
-// per-tensor bf16_tolerance of the tensor table for parameter gradients.
+// Tolerances (METHOD.md, norm-wise relative error): FP32 build 1e-5; BF16 build 1e-2 for a kernel's activation
+// outputs and the tensor table's bf16_tolerance (1e-3..1e-2 by kind) for a kernel's parameter gradients. The whole
+// BF16 model stores every activation and gradient in bf16 along a chain of dozens of kernels: its gradients are held
+// to kBf16ChainFactor times the table's tolerance (measured on the H200: 0.5-1.4% vs the reference on the same
+// weights; dev/NOTES.md).
 #include <cstring>
 #include <random>
 #include <unistd.h>
@@ -12,7 +15,10 @@
 constexpr bool kFp32Build = std::is_same<floatX, float>::value;
 constexpr double kKernelTolerance = kFp32Build ? 1e-5 : 1e-2;
 
-static double gradient_tolerance(const ParamTensor& t) { return kFp32Build ? 1e-5 : t.bf16_tolerance; }
+constexpr double kBf16ChainFactor = 3.0;
+static double gradient_tolerance(const ParamTensor& t) { return kFp32Build ? 1e-5 : kBf16ChainFactor * t.bf16_tolerance; }
+// One kernel's parameter-gradient output of the given kind (kBf16Tol* of model.h).
+static double kernel_gradient_tolerance(float bf16_tolerance) { return kFp32Build ? 1e-5 : bf16_tolerance; }
 
 // floatX <-> float on the host, through the bit patterns (loader.h's bf16 conversion rounds to nearest even).
 static float host_float(floatX x) {
@@ -71,11 +77,12 @@ static DeviceBuffer<T> poisoned(size_t n) {
 template <typename T>
 static void poison(DeviceBuffer<T>& buffer) { cudaCheck(cudaMemset(buffer.data(), 0xFF, buffer.size() * sizeof(T))); }
 
-#define CHECK_CLOSE(out, ref, n, tolerance)                                          \
-    do {                                                                             \
-        double error_ = relative_error((out).data(), (ref).data(), (n));             \
-        INFO(#out " vs " #ref ": relative error " << error_);                        \
-        CHECK(error_ < (tolerance));                                                 \
+// Checks and reports (a MESSAGE, shown by gpu_check.sh) the norm-wise relative error of out against ref.
+#define CHECK_CLOSE(out, ref, n, tolerance)                                                                \
+    do {                                                                                                   \
+        double error_ = relative_error((out).data(), (ref).data(), (n));                                   \
+        MESSAGE(#out " vs " #ref ": relative error " << error_ << " (tolerance " << (tolerance) << ")");   \
+        CHECK(error_ < (tolerance));                                                                       \
     } while (0)
 
 // ----------------------------------------------------------------------------------------------------------------
@@ -104,8 +111,8 @@ GPU_TEST_CASE("gpu: layernorm forward and backward") {
     ref::layernorm_backward(dinp_ref.data(), dw_ref.data(), db_ref.data(), dout.host.data(), x.host.data(), w.host.data(),
                             mean_ref.data(), rstd_ref.data(), N, C);
     CHECK_CLOSE(download(dinp.data(), N * C), dinp_ref, N * C, kKernelTolerance);
-    CHECK_CLOSE(download(dw.device.data(), C), dw_ref, C, kKernelTolerance);
-    CHECK_CLOSE(download(db.device.data(), C), db_ref, C, kKernelTolerance);
+    CHECK_CLOSE(download(dw.device.data(), C), dw_ref, C, kernel_gradient_tolerance(kBf16TolVector));
+    CHECK_CLOSE(download(db.device.data(), C), db_ref, C, kernel_gradient_tolerance(kBf16TolVector));
 }
 
 GPU_TEST_CASE("gpu: linear forward (bias epilogue, fp32 output) and backward") {
@@ -130,8 +137,8 @@ GPU_TEST_CASE("gpu: linear forward (bias epilogue, fp32 output) and backward") {
     std::vector<float> dinp_ref(N * IC), dw_ref = dw.host, db_ref = db.host;
     ref::matmul_backward(dinp_ref.data(), dw_ref.data(), db_ref.data(), dout.host.data(), x.host.data(), w.host.data(), N, IC, OC);
     CHECK_CLOSE(download(dinp.data(), N * IC), dinp_ref, N * IC, kKernelTolerance);
-    CHECK_CLOSE(download(dw.device.data(), OC * IC), dw_ref, OC * IC, kKernelTolerance);
-    CHECK_CLOSE(download(db.device.data(), OC), db_ref, OC, kKernelTolerance);
+    CHECK_CLOSE(download(dw.device.data(), OC * IC), dw_ref, OC * IC, kernel_gradient_tolerance(kBf16TolMatrix));
+    CHECK_CLOSE(download(db.device.data(), OC), db_ref, OC, kernel_gradient_tolerance(kBf16TolVector));
 }
 
 // RoPE + head split + attention, forward and backward, for one shape.
@@ -249,7 +256,7 @@ GPU_TEST_CASE("gpu: embedding gather and deterministic bucketed backward") {
     std::vector<float> first = download(dtable.device.data(), V * C);
     std::vector<float> dtable_ref = dtable.host;
     ref::embedding_backward(dtable_ref.data(), dout.host.data(), ids.data(), N, C);
-    CHECK_CLOSE(first, dtable_ref, V * C, kKernelTolerance);
+    CHECK_CLOSE(first, dtable_ref, V * C, kernel_gradient_tolerance(kBf16TolEmbedding));
     // determinism: the same sums again give bit-identical results
     dtable.device.upload(std::vector<floatX>(V * C, host_floatX(0.0f)).data(), V * C);
     embedding_backward(dtable.device.data(), dout.device.data(), buckets, C, 0);

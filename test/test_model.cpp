@@ -78,7 +78,7 @@ TEST_CASE("model: the tensor table lays out one buffer, aligned, in order, train
             else CHECK_FALSE(seen_frozen);                              // no trainable tensor after a frozen one
             CHECK(t.decay);                                             // SPEC 3.3: decay on every parameter
             CHECK(t.bf16_tolerance >= 1e-3f);
-            CHECK(t.bf16_tolerance <= 2.5e-2f);
+            CHECK(t.bf16_tolerance <= 1e-2f);
         }
         CHECK(end_of_previous == table.num_params);
     }
