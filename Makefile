@@ -36,9 +36,18 @@ PROGRAMS   := train infer prepare
 # `make train` and `make infer` run the programs, so their binaries are built under build/bin/ and
 # ./train, ./infer are symlinks to them.
 BIN        := $(BUILD)/bin
-TRAIN_ARGS ?= --config block_main_b4_5 --data $(DATA_DIR)/idxmap/shipped_corpus_text_document --out out/block_main_b4_5 \
-              --steps 300 --warmup 30 --batch-size 64 --micro-batch 32 --val-interval 50 --checkpoint-interval 100
-INFER_ARGS ?= --checkpoint out/block_main_b4_5 --prompt "It was a dark and stormy night"
+# `make train` prepares the shipped texts into a training shard and a held-out validation shard (one book), then
+# trains CONFIG for a few minutes; `make infer` samples from the checkpoint it wrote. CONFIG=vanilla_31 trains the
+# vanilla baseline.
+CONFIG     ?= block_main_b4_5
+TEXT_DIR   := $(DATA_DIR)/text
+VAL_TEXT   := $(TEXT_DIR)/gutenberg/pg84-frankenstein.txt
+TRAIN_TEXT := $(TEXT_DIR)/tinyshakespeare.txt $(TEXT_DIR)/enwik8-first100.txt \
+              $(filter-out $(VAL_TEXT),$(sort $(wildcard $(TEXT_DIR)/gutenberg/*.txt)))
+TOKENIZER  := $(DATA_DIR)/tokenizer/pythia-tokenizer.json
+TRAIN_ARGS ?= --config $(CONFIG) --data out/data/train --val-data out/data/val --out out/$(CONFIG) \
+              --steps 300 --warmup 30 --batch-size 64 --micro-batch 32 --val-interval 25 --checkpoint-interval 100
+INFER_ARGS ?= --checkpoint out/$(CONFIG) --tokenizer $(TOKENIZER) --prompt "It was a dark and stormy night" --max-new-tokens 64
 
 TEST_SRCS  := $(wildcard test/*.cpp test/*.cu)
 TEST_OBJS  := $(patsubst %,$(BUILD)/%.o,$(TEST_SRCS))
@@ -56,7 +65,11 @@ $(BIN)/%: $(BUILD)/%.cu.o
 	$(NVCC) $(NVCC_FLAGS) $^ -o $@ $(LIBS)
 	ln -sf $@ $*
 
-train: $(BIN)/train
+out/data/train.idx out/data/val.idx &: prepare
+	@mkdir -p out/data
+	BLOCKTF_DATA_DIR=$(DATA_DIR) ./prepare --out out/data/train $(TRAIN_TEXT)
+	BLOCKTF_DATA_DIR=$(DATA_DIR) ./prepare --out out/data/val $(VAL_TEXT)
+train: $(BIN)/train out/data/train.idx out/data/val.idx
 	./train $(TRAIN_ARGS)
 infer: $(BIN)/infer
 	./infer $(INFER_ARGS)

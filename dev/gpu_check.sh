@@ -28,9 +28,11 @@ echo "| precision | doctest test cases |"
 echo "| --- | --- |"
 for precision in FP32 BF16; do echo "| $precision | ${summary[$precision]} |"; done
 
-# Training-step benchmark (BF16, the build left by the loop above): forward + backward + AdamW on random tokens.
+# The programs, BF16 (the build left by the loop above).
+make -j"$jobs" PRECISION=BF16 build/bin/train build/bin/infer >"$logs/build_programs.log" 2>&1 || { tail -20 "$logs/build_programs.log"; exit 1; }
+
+# Training-step benchmark: forward + backward + AdamW on random tokens.
 if [ "${SKIP_BENCH:-0}" != 1 ]; then
-    make -j"$jobs" PRECISION=BF16 build/bin/train >"$logs/build_train.log" 2>&1 || { tail -20 "$logs/build_train.log"; exit 1; }
     echo
     for config in ${BENCH_CONFIGS:-block_main_b4_85 vanilla_160 block_main_b4_300 vanilla_410}; do
         ./train --bench --config "$config" --micro-batch 8 --steps 10 2>&1 | tee -a "$logs/bench_train.log" | grep -E "^\| [a-z]" | grep -v "^| config"
