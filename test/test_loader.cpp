@@ -17,28 +17,6 @@
 
 namespace {
 
-// A fresh directory under /tmp, removed with everything in it at the end of the test.
-struct TempDir {
-    std::string path;
-    TempDir() {
-        char pattern[] = "/tmp/blocktf_test_loader_XXXXXX";
-        REQUIRE(mkdtemp(pattern) != nullptr);
-        path = pattern;
-    }
-    ~TempDir() {
-        std::error_code ignored;
-        std::filesystem::remove_all(path, ignored);
-    }
-    TempDir(const TempDir&) = delete;
-    TempDir& operator=(const TempDir&) = delete;
-    std::string file(const std::string& name) const { return path + "/" + name; }
-    size_t count_entries() const {
-        size_t n = 0;
-        for (const auto& entry : std::filesystem::directory_iterator(path)) { (void)entry; n++; }
-        return n;
-    }
-};
-
 void write_bytes(const std::string& path, const std::string& bytes) {
     std::ofstream f(path, std::ios::binary | std::ios::trunc);
     REQUIRE(f.good());
@@ -471,7 +449,7 @@ TEST_CASE("safetensors: write, open and read back round trip") {
                        {"scalar", DType::F64, {}, d},
                        {"d", DType::F64, {2}, d}},
                       metadata);
-    CHECK(dir.count_entries() == 1);  // the temp file was renamed away
+    CHECK(dir.entries().size() == 1);  // the temp file was renamed away
 
     SafetensorsFile file = SafetensorsFile::open(path);
     CHECK(file.path() == path);
@@ -552,7 +530,7 @@ TEST_CASE("safetensors: the writer's bytes follow the format") {
     REQUIRE(file.tensors().size() == 1);
     CHECK(file.read_f32("c") == std::vector<float>{0.5f});
     CHECK(file.metadata().at("k") == "v");
-    CHECK(dir.count_entries() == 1);
+    CHECK(dir.entries().size() == 1);
 }
 
 TEST_CASE("safetensors: reads hand-built files") {
@@ -747,7 +725,7 @@ TEST_CASE("safetensors: the writer rejects bad input and leaves no temp file beh
                          doctest::Contains("tensor '__metadata__': the name is reserved"), std::runtime_error);
     CHECK_THROWS_WITH_AS(write_safetensors(path, {{"a", DType::F32, {2}, nullptr}}, {}),
                          (path + ": tensor 'a': data is null").c_str(), std::runtime_error);
-    CHECK(dir.count_entries() == 0);
+    CHECK(dir.entries().size() == 0);
 
     // The directory does not exist: the temp file cannot be created.
     const std::string nowhere = dir.file("no/such/dir/out.safetensors");
@@ -760,7 +738,7 @@ TEST_CASE("safetensors: the writer rejects bad input and leaves no temp file beh
     CHECK_THROWS_WITH_AS(write_safetensors(target, {{"a", DType::F32, {2}, x}}, {}),
                          doctest::Contains((target + ": cannot rename the temp file over it").c_str()),
                          std::runtime_error);
-    CHECK(dir.count_entries() == 1);  // just the directory
+    CHECK(dir.entries().size() == 1);  // just the directory
 
     // Names and metadata that need JSON escaping survive the round trip.
     const std::string odd = "we\"ird\\na\tme\x01";

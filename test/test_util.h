@@ -1,13 +1,16 @@
 // test_util.h: small helpers shared by the test files of ./test_blocktf.
-// defines: gpu_present, GPU_TEST_CASE, data_path, fixture_path, relative_error, read_file_bytes
+// defines: gpu_present, GPU_TEST_CASE, data_path, fixture_path, relative_error, read_file_bytes, TempDir
 #pragma once
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
+#include <filesystem>
 #include <fstream>
 #include <iterator>
 #include <string>
 #include <vector>
+#include <unistd.h>
 #include <cuda_runtime.h>
 #include <doctest/doctest.h>
 
@@ -52,3 +55,26 @@ inline std::vector<uint8_t> read_file_bytes(const std::string& path) {
     REQUIRE_MESSAGE(f.good(), "cannot open " << path);
     return std::vector<uint8_t>(std::istreambuf_iterator<char>(f), std::istreambuf_iterator<char>());
 }
+
+// A fresh directory under /tmp, removed with everything in it at the end of the test.
+struct TempDir {
+    std::string path;
+    TempDir() {
+        char pattern[] = "/tmp/blocktf_test_XXXXXX";
+        REQUIRE(mkdtemp(pattern) != nullptr);
+        path = pattern;
+    }
+    ~TempDir() {
+        std::error_code ignored;
+        std::filesystem::remove_all(path, ignored);
+    }
+    TempDir(const TempDir&) = delete;
+    TempDir& operator=(const TempDir&) = delete;
+    std::string file(const std::string& name) const { return path + "/" + name; }
+    std::vector<std::string> entries() const {   // names in the directory, sorted
+        std::vector<std::string> names;
+        for (const auto& entry : std::filesystem::directory_iterator(path)) names.push_back(entry.path().filename().string());
+        std::sort(names.begin(), names.end());
+        return names;
+    }
+};
