@@ -23,13 +23,6 @@
 
 namespace {
 
-void write_bytes(const std::string& path, const std::string& bytes) {
-    std::ofstream f(path, std::ios::binary | std::ios::trunc);
-    REQUIRE(f.good());
-    f.write(bytes.data(), (std::streamsize)bytes.size());
-    REQUIRE(f.good());
-}
-
 std::string read_bytes(const std::string& path) {
     std::vector<uint8_t> v = read_file_bytes(path);
     return std::string(v.begin(), v.end());

@@ -17,13 +17,6 @@
 
 namespace {
 
-void write_bytes(const std::string& path, const std::string& bytes) {
-    std::ofstream f(path, std::ios::binary | std::ios::trunc);
-    REQUIRE(f.good());
-    f.write(bytes.data(), (std::streamsize)bytes.size());
-    REQUIRE(f.good());
-}
-
 // 8 little-endian bytes of n, built by hand.
 std::string le64(uint64_t n) {
     std::string out;

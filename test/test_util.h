@@ -1,5 +1,5 @@
 // test_util.h: small helpers shared by the test files of ./test_blocktf.
-// defines: gpu_present, GPU_TEST_CASE, data_path, fixture_path, relative_error, read_file_bytes, TempDir
+// defines: gpu_present, GPU_TEST_CASE, data_path, fixture_path, relative_error, read_file_bytes, write_bytes, TempDir
 #pragma once
 #include <algorithm>
 #include <cmath>
@@ -48,6 +48,13 @@ double relative_error(const A* out, const B* ref, size_t n) {
     }
     if (ref2 == 0.0) return diff2 == 0.0 ? 0.0 : INFINITY;
     return std::sqrt(diff2 / ref2);
+}
+
+inline void write_bytes(const std::string& path, const std::string& bytes) {
+    std::ofstream f(path, std::ios::binary | std::ios::trunc);
+    REQUIRE(f.good());
+    f.write(bytes.data(), (std::streamsize)bytes.size());
+    REQUIRE(f.good());
 }
 
 inline std::vector<uint8_t> read_file_bytes(const std::string& path) {
