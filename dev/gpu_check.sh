@@ -48,6 +48,9 @@ if [ "${SKIP_TRAIN:-0}" != 1 ]; then
     ./train $args --out /tmp/run_a > "$logs/train_a.log" 2>&1; echo "uninterrupted run: exit $?"
     timeout -s INT 6 ./train $args --out /tmp/run_b > "$logs/train_b1.log" 2>&1; echo "interrupted run: exit $? ($(ls /tmp/run_b | tr '\n' ' '))"
     ./train --resume /tmp/run_b $args > "$logs/train_b2.log" 2>&1; echo "resumed run: exit $?"
+    # a diverging run (absurd learning rate) must stop with a message before applying a non-finite update
+    ./train ${args/--steps 40/--steps 6} --lr 1e30 --checkpoint-interval 2 --out /tmp/run_nan > "$logs/train_nan.log" 2>&1
+    echo "diverging run: exit $? (expected 1): $(grep -o 'stopping at step.*' "$logs/train_nan.log" | cut -c1-150)"
     tail -3 "$logs/train_a.log"
     python3 - <<'PY'
 import csv
