@@ -45,7 +45,9 @@ VAL_TEXT   := $(TEXT_DIR)/gutenberg/pg84-frankenstein.txt
 TRAIN_TEXT := $(TEXT_DIR)/tinyshakespeare.txt $(TEXT_DIR)/enwik8-first100.txt \
               $(filter-out $(VAL_TEXT),$(sort $(wildcard $(TEXT_DIR)/gutenberg/*.txt)))
 TOKENIZER  := $(DATA_DIR)/tokenizer/pythia-tokenizer.json
+# A second `make train` continues the run in out/CONFIG (after Ctrl-C, say) instead of starting over.
 TRAIN_ARGS ?= --config $(CONFIG) --data out/data/train --val-data out/data/val --out out/$(CONFIG) \
+              $(if $(wildcard out/$(CONFIG)/checkpoint-*),--resume out/$(CONFIG)) \
               --steps 300 --warmup 30 --batch-size 64 --micro-batch 32 --val-interval 25 --checkpoint-interval 100
 INFER_ARGS ?= --checkpoint out/$(CONFIG) --tokenizer $(TOKENIZER) --prompt "It was a dark and stormy night" --max-new-tokens 64
 

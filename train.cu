@@ -281,6 +281,9 @@ static RunSettings resolve_settings(const Options& options) {
         throw std::runtime_error("need --lr > 0, --weight-decay >= 0 and --clip > 0");
     if (!(run.val_fraction >= 0 && run.val_fraction < 1)) throw std::runtime_error("--val-fraction must be in [0, 1)");
     if (!run.resume.empty() && !run.init_from.empty()) throw std::runtime_error("--resume and --init-from exclude each other");
+    if (run.resume.empty() && !latest_checkpoint(run.out).empty())   // never overwrite another run's checkpoints
+        throw std::runtime_error("--out " + run.out + " already holds checkpoints (" + latest_checkpoint(run.out) +
+                                 "): continue that run with --resume " + run.out + ", or choose another --out");
     run.accumulation = run.batch_size / run.micro_batch;
     return run;
 }
@@ -341,7 +344,8 @@ static int train(const RunSettings& run) {
         CheckpointState state = load_checkpoint(model, checkpoint, true);
         step = state.step;
         train_data.restore(state.resume.at("train_position"));
-        std::printf("resumed from %s at step %ld\n", checkpoint.c_str(), step);
+        std::printf("resumed from %s at step %ld of %ld%s\n", checkpoint.c_str(), step, run.steps,
+                    step >= run.steps ? ": the run is complete (raise --steps to train further)" : "");
     } else if (!run.init_from.empty()) {
         ModelConfig stored = read_checkpoint_config(run.init_from);
         if (build_tensor_table(stored).num_params != model.table.num_params || stored.is_block != run.config.is_block)

@@ -44,7 +44,7 @@ fi
 if [ "${SKIP_TRAIN:-0}" != 1 ]; then
     shard="$data_dir/idxmap/shipped_corpus_text_document"
     args="--config block_main_b4_5 --data $shard --steps 40 --warmup 5 --batch-size 64 --micro-batch 32 --val-interval 20 --checkpoint-interval 10"
-    rm -rf /tmp/run_a /tmp/run_b
+    rm -rf /tmp/run_a /tmp/run_b /tmp/run_nan
     ./train $args --out /tmp/run_a > "$logs/train_a.log" 2>&1; echo "uninterrupted run: exit $?"
     timeout -s INT 6 ./train $args --out /tmp/run_b > "$logs/train_b1.log" 2>&1; echo "interrupted run: exit $? ($(ls /tmp/run_b | tr '\n' ' '))"
     ./train --resume /tmp/run_b $args > "$logs/train_b2.log" 2>&1; echo "resumed run: exit $?"
