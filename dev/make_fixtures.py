@@ -49,9 +49,10 @@ TINY_VANILLA = dict(V=V, layers=2, hidden=32, heads=2, inter=96, B=2, T=16)
 # configs and modules
 # ----------------------------------------------------------------------------------------------------------
 
-def neox_config(hidden, layers, heads, inter):
+def neox_config(hidden, layers, heads, inter, vocab=V, max_positions=64, attn="eager"):
+    """The defaults are the fixtures'; dev/bench/pytorch_runner.py passes the benchmark's vocab, length, attention."""
     cfg = GPTNeoXConfig(
-        vocab_size=V,
+        vocab_size=vocab,
         hidden_size=hidden,
         num_hidden_layers=layers,
         num_attention_heads=heads,
@@ -65,15 +66,15 @@ def neox_config(hidden, layers, heads, inter):
         hidden_dropout=0.0,
         attention_dropout=0.0,
         attention_bias=True,
-        max_position_embeddings=64,
+        max_position_embeddings=max_positions,
         bos_token_id=0,
         eos_token_id=0,
         use_cache=False,
     )
-    cfg._attn_implementation = "eager"
+    cfg._attn_implementation = attn
     rp = cfg.rope_parameters
     assert rp["partial_rotary_factor"] == 0.25 and rp["rope_theta"] == 10000 and rp["rope_type"] == "default", rp
-    assert cfg._attn_implementation == "eager"
+    assert cfg._attn_implementation == attn
     return cfg
 
 
@@ -110,8 +111,9 @@ class BlockTransformer(nn.Module):
         self.V, self.L, self.R, self.D_e = c["V"], c["L"], c["R"], c["D_e"]
         b, t = c["block"], c["token"]
         assert b["hidden"] == self.L * self.D_e
-        self.cfg_b = neox_config(b["hidden"], b["layers"], b["heads"], b["inter"])
-        self.cfg_t = neox_config(t["hidden"], t["layers"], t["heads"], t["inter"])
+        extra = dict(vocab=self.V, max_positions=c.get("max_positions", 64), attn=c.get("attn", "eager"))
+        self.cfg_b = neox_config(b["hidden"], b["layers"], b["heads"], b["inter"], **extra)
+        self.cfg_t = neox_config(t["hidden"], t["layers"], t["heads"], t["inter"], **extra)
         self.embedder = nn.Module()
         self.embedder.embeddings = nn.Embedding(self.V, self.D_e)
         self.block_decoder = nn.Module()
@@ -138,8 +140,8 @@ class BlockTransformer(nn.Module):
         tok = lm.gpt_neox.embed_in(y.reshape(M, L)[:, :L - 1])                        # [M, L-1, H_t]
         x = torch.cat([z, tok], dim=1)                                                 # [M, R+L-1, H_t]
         S = R + L - 1
-        mask = torch.cat([torch.ones(M, R, dtype=torch.long), a.reshape(M, L)[:, :L - 1]], dim=1)
-        pos = torch.arange(S).expand(M, S)
+        mask = torch.cat([torch.ones(M, R, dtype=torch.long, device=ids.device), a.reshape(M, L)[:, :L - 1]], dim=1)
+        pos = torch.arange(S, device=ids.device).expand(M, S)
         out = lm(inputs_embeds=x, attention_mask=mask, position_ids=pos)
         logits = out.logits[:, R - 1:R + L - 1]                                       # positions R-1 .. R+L-2
         return logits.reshape(B, N - 1, L, self.V)
