@@ -45,54 +45,64 @@ def column(header, *words):
 
 
 def parse(lines):
-    """-> {(config, mode, shape_key): {impl: dict(tps, ms, mem, extra)}}; shape_key: ('mb', B, T) or (P, D, B)."""
+    """-> {(config, mode, shape_key): {impl: dict(tps, ms, mem, extra)}}; shape_key: ('mb', B, T) or (P, D, B).
+    A row that does not parse is reported on stderr and skipped."""
     results = {}
-    header = None
+    state = {"header": None}
     for line in lines:
-        s = line.strip()
-        if not s.startswith("|"):
-            continue
-        c = cells(s)
-        if all(re.fullmatch(r":?-+:?", x) for x in c if x):
-            continue
-        if c and c[0].lower() in ("config", "impl"):
-            header = [x.lower() for x in c]
-            continue
-        if c[0].startswith("pytorch"):
-            if len(c) < 7:
-                continue
-            impl, config, mode, shape = c[0], c[1], c[2], c[3]
-            if mode == "train":
-                key = train_key(shape)
-            else:
-                m = re.search(r"P(\d+)\s*D(\d+)\s*B(\d+)", shape)
-                if not m:
-                    continue
-                key = tuple(int(x) for x in m.groups())
-            results.setdefault((config, mode, key), {})[impl] = dict(ms=number(c[4]), tps=number(c[5]), mem=c[6],
-                                                                      extra="")
-            continue
-        if header is None or len(c) != len(header):
-            continue
-        tps_i = column(header, "tokens/s")
-        mem_i = column(header, "memory")
-        if tps_i is None:
-            continue
-        if column(header, "prefill") is not None:
-            key = tuple(int(number(c[column(header, w)])) for w in ("prefill", "decode", "batch"))
-            mode, ms_i = "generate", column(header, "ms")
-            extra = ""
-        elif column(header, "micro-batch") is not None:
-            key = train_key(c[column(header, "micro-batch")])
-            mode, ms_i = "train", column(header, "ms")
-            mfu_i = column(header, "mfu")
-            extra = f"MFU {c[mfu_i]}" if mfu_i is not None else ""
-        else:
-            continue
-        results.setdefault((c[0], mode, key), {})["blocktf"] = dict(
-            ms=number(c[ms_i]) if ms_i is not None else None, tps=number(c[tps_i]),
-            mem=c[mem_i] if mem_i is not None else "", extra=extra)
+        try:
+            parse_line(line, state, results)
+        except (TypeError, ValueError, IndexError) as e:
+            print(f"ratio_table: skipped a row that does not parse ({e}): {line.strip()}", file=sys.stderr)
     return results
+
+
+def parse_line(line, state, results):
+    """One line: remembers a header row in state, adds a data row to results."""
+    header = state["header"]
+    s = line.strip()
+    if not s.startswith("|"):
+        return
+    c = cells(s)
+    if all(re.fullmatch(r":?-+:?", x) for x in c if x):
+        return
+    if c and c[0].lower() in ("config", "impl"):
+        state["header"] = [x.lower() for x in c]
+        return
+    if c[0].startswith("pytorch"):
+        if len(c) < 7:
+            return
+        impl, config, mode, shape = c[0], c[1], c[2], c[3]
+        if mode == "train":
+            key = train_key(shape)
+        else:
+            m = re.search(r"P(\d+)\s*D(\d+)\s*B(\d+)", shape)
+            if not m:
+                return
+            key = tuple(int(x) for x in m.groups())
+        results.setdefault((config, mode, key), {})[impl] = dict(ms=number(c[4]), tps=number(c[5]), mem=c[6],
+                                                                  extra="")
+        return
+    if header is None or len(c) != len(header):
+        return
+    tps_i = column(header, "tokens/s")
+    mem_i = column(header, "memory")
+    if tps_i is None:
+        return
+    if column(header, "prefill") is not None:
+        key = tuple(int(number(c[column(header, w)])) for w in ("prefill", "decode", "batch"))
+        mode, ms_i = "generate", column(header, "ms")
+        extra = ""
+    elif column(header, "micro-batch") is not None:
+        key = train_key(c[column(header, "micro-batch")])
+        mode, ms_i = "train", column(header, "ms")
+        mfu_i = column(header, "mfu")
+        extra = f"MFU {c[mfu_i]}" if mfu_i is not None else ""
+    else:
+        return
+    results.setdefault((c[0], mode, key), {})["blocktf"] = dict(
+        ms=number(c[ms_i]) if ms_i is not None else None, tps=number(c[tps_i]),
+        mem=c[mem_i] if mem_i is not None else "", extra=extra)
 
 
 def shape_text(mode, key):
@@ -148,6 +158,8 @@ device: NVIDIA H200 (fabricated)
 | config | micro-batch x T | step ms (median of 10) | tokens/s | TFLOP/s | MFU | GPU memory used |
 | vanilla_160 | 8 x 2048 | 25.00 | 655360 | 320.0 | 45.1% | 22.0 GiB |
 some log line | with a bar
+| config | prefill | decode | batch | ms | tokens/s |
+| broken | x | y | z | 1 | 2 |
 | config | prefill | decode | batch | ms per generation (mean +- std of 5) | tokens/s (batch x decode / time) | GPU memory in use |
 | --- | --- | --- | --- | --- | --- | --- |
 | block_main_b4_85 | 128 | 2048 | 512 | 1000.00 +- 3.00 | 1048576 | 30.00 GiB |
