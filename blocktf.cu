@@ -457,8 +457,16 @@ inline void layernorm_backward(Gpu& gpu, floatX* dinp, floatX* dweight, floatX* 
 // on the first rot = HS/4 dims of each head. The backward rotates by the opposite angle (direction -1) and merges
 // the heads back. cos_table, sin_table: (S, rot/2) fp32, made in double on the host (make_rope_tables).
 
-__device__ inline float rotate(float x, float partner, float c, float s, bool low_half, float direction) {
-    return low_half ? x * c - direction * partner * s : x * c + direction * partner * s;
+// Element d of one head's query or key u (HS values) after the rotation of its position, whose angle table row is
+// cos_row, sin_row (rot/2 values); direction -1 rotates back (the backward pass). Dims d >= rot pass unchanged.
+__device__ inline float rope_element(const floatX* u, int d, int rot, const float* cos_row, const float* sin_row, float direction) {
+    const float x = to_f32(u[d]);
+    if (d >= rot) return x;
+    const int half = rot / 2;
+    const bool low = d < half;
+    const int m = low ? d : d - half;
+    const float partner = to_f32(u[low ? d + half : d - half]);
+    return low ? x * cos_row[m] - direction * partner * sin_row[m] : x * cos_row[m] + direction * partner * sin_row[m];
 }
 
 // One thread per element of q (and the same element of k and v).
@@ -474,13 +482,7 @@ __global__ void rope_split_heads_kernel(floatX* q, floatX* k, floatX* v, const f
         v[out] = row[2 * HS + d];
         for (int part = 0; part < 2; part++) {
             const floatX* u = row + part * HS;
-            float value = to_f32(u[d]);
-            if (d < rot) {
-                const bool low = d < half;
-                const int m = low ? d : d - half;
-                const float partner = to_f32(u[low ? d + half : d - half]);
-                value = rotate(value, partner, cos_table[s * half + m], sin_table[s * half + m], low, 1.0f);
-            }
+            const float value = rope_element(u, d, rot, cos_table + s * half, sin_table + s * half, 1.0f);
             (part == 0 ? q : k)[out] = to_floatX(value);
         }
     }
@@ -499,13 +501,7 @@ __global__ void rope_merge_heads_backward_kernel(floatX* dqkv, const floatX* dq,
         row[2 * HS + d] = dv[head_row + d];
         for (int part = 0; part < 2; part++) {
             const floatX* u = (part == 0 ? dq : dk) + head_row;
-            float value = to_f32(u[d]);
-            if (d < rot) {
-                const bool low = d < half;
-                const int m = low ? d : d - half;
-                const float partner = to_f32(u[low ? d + half : d - half]);
-                value = rotate(value, partner, cos_table[s * half + m], sin_table[s * half + m], low, -1.0f);
-            }
+            const float value = rope_element(u, d, rot, cos_table + s * half, sin_table + s * half, -1.0f);
             row[part * HS + d] = to_floatX(value);
         }
     }
@@ -1606,13 +1602,7 @@ __global__ void rope_append_kv_kernel(floatX* q, floatX* k_cache, floatX* v_cach
         v_cache[cached] = row[2 * HS + d];
         for (int part = 0; part < 2; part++) {
             const floatX* u = row + part * HS;
-            float value = to_f32(u[d]);
-            if (d < rot) {
-                const bool low = d < half;
-                const int m = low ? d : d - half;
-                const float partner = to_f32(u[low ? d + half : d - half]);
-                value = rotate(value, partner, cos_table[(size_t)angle_p * half + m], sin_table[(size_t)angle_p * half + m], low, 1.0f);
-            }
+            const float value = rope_element(u, d, rot, cos_table + (size_t)angle_p * half, sin_table + (size_t)angle_p * half, 1.0f);
             if (part == 0) q[i] = to_floatX(value);
             else k_cache[cached] = to_floatX(value);
         }
