@@ -760,6 +760,15 @@ struct LayerOffsets {
     size_t ln1_w, ln1_b, ln2_w, ln2_b, qkv_w, qkv_b, dense_w, dense_b, fc_w, fc_b, proj_w, proj_b;
 };
 
+inline LayerOffsets layer_offsets(const TensorTable& table, const std::string& prefix, int l) {
+    const std::string p = prefix + "layers." + std::to_string(l) + ".";
+    auto at = [&](const char* name) { return table.get(p + name).offset; };
+    return {at("input_layernorm.weight"), at("input_layernorm.bias"), at("post_attention_layernorm.weight"),
+            at("post_attention_layernorm.bias"), at("attention.query_key_value.weight"), at("attention.query_key_value.bias"),
+            at("attention.dense.weight"), at("attention.dense.bias"), at("mlp.dense_h_to_4h.weight"), at("mlp.dense_h_to_4h.bias"),
+            at("mlp.dense_4h_to_h.weight"), at("mlp.dense_4h_to_h.bias")};
+}
+
 struct GpuLayerActivations {
     DeviceBuffer<floatX> x;                                     // (n, C) layer input, the residual stream
     DeviceBuffer<floatX> ln1, ln2;                              // (n, C)
@@ -775,13 +784,7 @@ public:
         : cfg_(config), nseq_(nseq), S_(S), n_((size_t)nseq * S) {
         const size_t C = cfg_.C, I = cfg_.I, n = n_;
         for (int l = 0; l < cfg_.L; l++) {
-            std::string p = prefix + "layers." + std::to_string(l) + ".";
-            auto at = [&](const char* name) { return table.get(p + name).offset; };
-            offsets_.push_back({at("input_layernorm.weight"), at("input_layernorm.bias"), at("post_attention_layernorm.weight"),
-                                at("post_attention_layernorm.bias"), at("attention.query_key_value.weight"),
-                                at("attention.query_key_value.bias"), at("attention.dense.weight"), at("attention.dense.bias"),
-                                at("mlp.dense_h_to_4h.weight"), at("mlp.dense_h_to_4h.bias"), at("mlp.dense_4h_to_h.weight"),
-                                at("mlp.dense_4h_to_h.bias")});
+            offsets_.push_back(layer_offsets(table, prefix, l));
             GpuLayerActivations a;
             a.x = DeviceBuffer<floatX>(n * C);
             a.ln1 = DeviceBuffer<floatX>(n * C);
@@ -1739,15 +1742,6 @@ inline void attention_cached(floatX* out, const floatX* q, const floatX* k_cache
 // A GPT-NeoX stack (SPEC 1.1) for cached decoding over nseq sequences: each forward runs S_new new positions per
 // sequence, appends their keys and values to the cache and attends over everything cached up to them. Owns its
 // cache (capacity positions per sequence) and scratch for up to max_new positions per call.
-inline LayerOffsets layer_offsets(const TensorTable& table, const std::string& prefix, int l) {
-    const std::string p = prefix + "layers." + std::to_string(l) + ".";
-    auto at = [&](const char* name) { return table.get(p + name).offset; };
-    return {at("input_layernorm.weight"), at("input_layernorm.bias"), at("post_attention_layernorm.weight"),
-            at("post_attention_layernorm.bias"), at("attention.query_key_value.weight"), at("attention.query_key_value.bias"),
-            at("attention.dense.weight"), at("attention.dense.bias"), at("mlp.dense_h_to_4h.weight"), at("mlp.dense_h_to_4h.bias"),
-            at("mlp.dense_4h_to_h.weight"), at("mlp.dense_4h_to_h.bias")};
-}
-
 class KvStack {
 public:
     KvStack(const StackConfig& config, const std::string& prefix, const TensorTable& table, int nseq, int capacity, int max_new)
