@@ -51,10 +51,21 @@ constexpr const char* kPrecisionName = "BF16";
 // ----------------------------------------------------------------------------------------------------------------
 // Every CUDA and cuBLAS return code is checked; a failure throws with the call, file and line.
 
+// An allocation that did not fit in GPU memory: recoverable (the context stays usable), so callers that size
+// things by trying (./infer --bench --batch auto) can catch it.
+struct CudaOutOfMemory : std::runtime_error {
+    using std::runtime_error::runtime_error;
+};
+
 inline void cuda_check(cudaError_t status, const char* call, const char* file, int line) {
-    if (status != cudaSuccess)
-        throw std::runtime_error(std::string("CUDA error: ") + cudaGetErrorString(status) + " in " + call + " at " + file +
-                                 ":" + std::to_string(line));
+    if (status == cudaSuccess) return;
+    const std::string message = std::string("CUDA error: ") + cudaGetErrorString(status) + " in " + call + " at " + file + ":" +
+                                std::to_string(line);
+    if (status == cudaErrorMemoryAllocation) {
+        cudaGetLastError();   // not sticky: clear it so the next check does not see it again
+        throw CudaOutOfMemory(message);
+    }
+    throw std::runtime_error(message);
 }
 inline void cublas_check(cublasStatus_t status, const char* call, const char* file, int line) {
     if (status != CUBLAS_STATUS_SUCCESS)
@@ -160,6 +171,20 @@ inline void convert_to_floatX(floatX* out, const float* in, size_t n, cudaStream
     if (n == 0) return;
     convert_to_floatX_kernel<<<grid_for(n, 256), 256, 0, stream>>>(out, in, n);
     cudaCheckLaunch();
+}
+
+// host fp32 values into a floatX device array through a bounded fp32 staging buffer (256 MiB at a time), so that
+// loading a large model does not need a second full-size fp32 copy on the GPU.
+inline void upload_as_floatX(floatX* out, const std::vector<float>& host) {
+    constexpr size_t kStagingFloats = 64ull << 20;
+    const size_t chunk = std::min<size_t>(host.size(), kStagingFloats);
+    DeviceBuffer<float> staging(chunk);
+    for (size_t start = 0; start < host.size(); start += chunk) {
+        const size_t n = std::min(chunk, host.size() - start);
+        staging.upload(host.data() + start, n);
+        convert_to_floatX(out + start, staging.data(), n, 0);
+        cudaCheck(cudaStreamSynchronize(0));   // staging is rewritten by the next chunk
+    }
 }
 
 // GELU, exact erf form (SPEC 1.1.6): gelu(z) = 0.5 z (1 + erf(z/√2));  gelu'(z) = Φ(z) + z φ(z).
@@ -926,6 +951,7 @@ struct BatchPlan {
     std::vector<int> token_mask;     // block: (B*(NB-1), P+LB-1) token-decoder key mask [1 x P, a_0..a_{LB-2}]
     std::vector<int> head_rows;      // (scored) row of the last stack's output that predicts each scored token
     std::vector<int> head_targets;   // (scored) the token it predicts
+    std::vector<int> head_positions; // (scored) where that token is in the batch: b*T + t
     Buckets input_buckets;           // embedder (block) / embed_in (vanilla): rows of the first stack's input
     Buckets token_buckets;           // block: token decoder embed_in: rows of the token-decoder input
 };
@@ -950,6 +976,7 @@ inline BatchPlan plan_batch(const ModelConfig& cfg, int B, int T, const std::vec
                 if (mask[(size_t)b * T + t + 1]) {
                     plan.head_rows.push_back(b * T + t);
                     plan.head_targets.push_back(ids[(size_t)b * T + t + 1]);
+                    plan.head_positions.push_back(b * T + t + 1);
                 }
         for (size_t i = 0; i < ids.size(); i++) input_rows.push_back((int)i);
         plan.input_buckets = make_buckets(plan.input_ids, input_rows);
@@ -981,6 +1008,7 @@ inline BatchPlan plan_batch(const ModelConfig& cfg, int B, int T, const std::vec
                 if (at(mask, b, k, j)) {
                     plan.head_rows.push_back(r * S + P - 1 + j);
                     plan.head_targets.push_back(at(ids, b, k, j));
+                    plan.head_positions.push_back(b * T + k * LB + j);
                 }
         }
     plan.input_buckets = make_buckets(plan.input_ids, input_rows);
@@ -1037,13 +1065,20 @@ public:
     DeviceBuffer<floatX> grads;    // (num_trainable)
     DeviceBuffer<float> adam_m, adam_v;   // (num_trainable)
     int adam_steps = 0;
-    bool keep_logits = false;      // tests: copy every scored row's logits to host_logits
+    bool keep_logits = false;      // copy every scored row's logits to host_logits (tests, infer --dump-logits)
     std::vector<float> host_logits;   // (scored, V) when keep_logits
 
-    // Activations are sized for micro-batches of B sequences of T tokens.
-    GpuModel(const ModelConfig& config, int B, int T)
-        : cfg(config), table(build_tensor_table(config)), params(table.num_params), master(table.num_params),
-          grads(table.num_trainable), adam_m(table.num_trainable), adam_v(table.num_trainable), B_(B), T_(T) {
+    // Activations are sized for micro-batches of B sequences of T tokens. Scoring (forward only, infer --score) skips
+    // the training state: master weights, gradients and AdamW moments (14 bytes per parameter).
+    enum class Use { Training, Scoring };
+    GpuModel(const ModelConfig& config, int B, int T, Use use = Use::Training)
+        : cfg(config), table(build_tensor_table(config)), params(table.num_params), training_(use == Use::Training), B_(B), T_(T) {
+        if (training_) {
+            master = DeviceBuffer<float>(table.num_params);
+            grads = DeviceBuffer<floatX>(table.num_trainable);
+            adam_m = DeviceBuffer<float>(table.num_trainable);
+            adam_v = DeviceBuffer<float>(table.num_trainable);
+        }
         if (cfg.is_block) {
             if (T % cfg.LB != 0 || T / cfg.LB < 2) throw std::runtime_error("GpuModel: T must be a multiple of the block length, >= 2 blocks");
             const int rows = B * (T / cfg.LB - 1), S = cfg.token_seq_len();
@@ -1077,6 +1112,10 @@ public:
     // host: (num_params) fp32 laid out by the table: the master weights, and params rounded from them.
     void load_parameters(const std::vector<float>& host) {
         if (host.size() != table.num_params) throw std::runtime_error("load_parameters: expected one value per table element");
+        if (!training_) {
+            upload_as_floatX(params.data(), host);
+            return;
+        }
         master.upload(host.data(), host.size());
         convert_to_floatX(params.data(), master.data(), host.size(), gpu.stream);
         cudaCheck(cudaStreamSynchronize(gpu.stream));
@@ -1088,6 +1127,7 @@ public:
     // LM head's gradients for a loss scaled by grad_scale (1 / accumulation steps); backward() then does the rest.
     float forward(const BatchPlan& plan, float grad_scale) {
         if (plan.B != B_ || plan.T != T_) throw std::runtime_error("GpuModel::forward: batch shape differs from the model's");
+        if (grad_scale > 0 && !training_) throw std::runtime_error("GpuModel::forward: a scoring model has no gradients");
         upload(plan);
         const int HT = cfg.token_decoder.C;
         if (cfg.is_block) {
@@ -1164,6 +1204,13 @@ public:
         return norm;
     }
 
+    // The cross-entropy of each scored token of the last forward, in the plan's head order (plan.head_positions).
+    std::vector<float> token_losses() const {
+        std::vector<float> host(scored_);
+        if (scored_ > 0) losses_.download(host.data(), scored_);
+        return host;
+    }
+
     floatX* param(const std::string& name) { return params.data() + table.get(name).offset; }
     floatX* grad(const std::string& name) {
         const ParamTensor& t = table.get(name);
@@ -1173,6 +1220,7 @@ public:
 
 private:
     static constexpr size_t kHeadChunkRows = 4096;   // logits of at most 4096 rows exist at once (V=50304: 0.8 GB fp32)
+    bool training_;
     int B_, T_;
     std::unique_ptr<GpuStack> block_stack_, token_stack_;   // vanilla: token_stack_ is the whole model
     size_t top_rows_ = 0;   // rows of the last stack's output
@@ -1539,22 +1587,12 @@ struct InferenceModel {
     explicit InferenceModel(const ModelConfig& config)
         : cfg(config), table(build_tensor_table(config)), params(table.num_params) {}
 
-    // host: (num_params) fp32 laid out by the table; converted to floatX through a bounded fp32 staging buffer.
+    // host: (num_params) fp32 laid out by the table.
     void load(const std::vector<float>& host) {
         if (host.size() != table.num_params) throw std::runtime_error("InferenceModel::load: expected one value per table element");
-        const size_t chunk = std::min<size_t>(host.size(), kStagingFloats);
-        DeviceBuffer<float> staging(chunk);
-        for (size_t start = 0; start < host.size(); start += chunk) {
-            const size_t n = std::min(chunk, host.size() - start);
-            staging.upload(host.data() + start, n);
-            convert_to_floatX(params.data() + start, staging.data(), n, 0);
-            cudaCheck(cudaStreamSynchronize(0));   // staging is rewritten by the next chunk
-        }
+        upload_as_floatX(params.data(), host);
     }
     const floatX* param(const std::string& name) const { return params.data() + table.get(name).offset; }
-
-private:
-    static constexpr size_t kStagingFloats = 64ull << 20;   // 256 MiB of fp32 at a time
 };
 
 // What --checkpoint names: a checkpoint (a directory holding model.safetensors, or the .safetensors file) or a
@@ -2200,6 +2238,7 @@ public:
         }
         hidden_ = DeviceBuffer<floatX>((size_t)B_ * HT);
         for (cudaEvent_t& e : events_) cudaCheck(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
+        cudaCheck(cudaEventCreate(&prefill_done_));
         row_done_.assign(B_, 0);
         cudaCheck(cudaDeviceSynchronize());   // the uploads above went through the legacy stream
     }
@@ -2208,6 +2247,7 @@ public:
         if (graph_exec_) cudaGraphExecDestroy(graph_exec_);
         if (graph_) cudaGraphDestroy(graph_);
         for (cudaEvent_t e : events_) if (e) cudaEventDestroy(e);
+        if (prefill_done_) cudaEventDestroy(prefill_done_);
     }
     Generation(const Generation&) = delete;
     Generation& operator=(const Generation&) = delete;
@@ -2216,6 +2256,8 @@ public:
     int padded_prompt_length() const { return Tp_; }   // tokens, pads included (block models: whole blocks)
     int pad(int row) const { return pad_[row]; }         // left pads of a row
     cudaStream_t stream() const { return gpu_.stream; }
+    // Recorded on stream() when the last run's prefill was done (a timing event: decode time = stop - this).
+    cudaEvent_t prefill_done() const { return prefill_done_; }
 
     // Prefill and decode. on_tokens(ready) runs on the host whenever the first `ready` generated ids of every row have
     // arrived in tokens() (ready grows; at most max_new_tokens). The run stops early once every row has stopped.
@@ -2225,6 +2267,7 @@ public:
         pending_head_ = pending_tail_ = 0;
         std::fill(row_done_.begin(), row_done_.end(), 0);
         prefill();
+        cudaCheck(cudaEventRecord(prefill_done_, gpu_.stream));
         if (!cfg_.is_block) enqueue_copy(0, 1, on_tokens);
         for (int step = 0; step < steps_ && !all_done(); step++) {
             if (step == 0 || !options_.cuda_graph) decode_step();   // the first step also creates the cuBLASLt plans
@@ -2297,6 +2340,7 @@ private:
     cudaGraph_t graph_ = nullptr;
     cudaGraphExec_t graph_exec_ = nullptr;
     cudaEvent_t events_[kInFlight] = {};
+    cudaEvent_t prefill_done_ = nullptr;
     int pending_ready_[kInFlight] = {};     // ids available once events_[slot] has completed
     int pending_head_ = 0, pending_tail_ = 0;
     int ready_ = 0;

@@ -4,18 +4,21 @@
 #include <cinttypes>
 #include <cstdio>
 #include <cstdlib>
+#include <filesystem>
 #include <fstream>
 #include <random>
 #include <sstream>
 #include <string>
 #include <vector>
 #include "blocktf.cu"    // defines: InferenceModel, load_inference_model, Generation, GenerationOptions, SamplingSettings
+#include "loader.h"      // defines: TokenShard, write_safetensors
 #include "tokenizer.h"   // defines: Tokenizer (encode, decode)
 
 static const char* kUsage =
     "usage: ./infer --checkpoint DIR --prompt TEXT [--prompt TEXT ...] [options]   generate text\n"
     "       ./infer --checkpoint DIR --prompt-file PATH [options]                  one prompt per line, as a batch\n"
-    "       ./infer --bench --config NAME [--prefill P] [--decode D] [--batch B]   time generation, random weights\n"
+    "       ./infer --checkpoint DIR --score PATH [--score PATH ...] [options]     loss and perplexity of documents\n"
+    "       ./infer --bench --config NAME [--prefill P] [--decode D] [--batch B|auto]   time generation, random weights\n"
     "options:\n"
     "  --checkpoint DIR      a checkpoint directory (model.safetensors + config.json), its .safetensors file, or a\n"
     "                        training output directory (its newest checkpoint-<step>/ is used)\n"
@@ -29,10 +32,23 @@ static const char* kUsage =
     "  --top-p P             when sampling, only the smallest most-likely set of probability >= P (default 1 = all)\n"
     "  --seed N              sampling seed (default 42); the same seed gives the same text\n"
     "  --no-stop             do not stop at <|endoftext|>\n"
+    "  --ids                 print each prompt's generated token ids (one line per prompt, separated by spaces)\n"
+    "                        instead of text\n"
+    "  --score PATH          score documents with the training forward: a text file (one document) or a shard\n"
+    "                        prefix PATH.bin/.idx (each of its documents); repeat for more. Each document is its\n"
+    "                        tokens and <|endoftext|>, cut into windows of --score-length tokens; every token is\n"
+    "                        scored except a window's first (vanilla) or first block (block models), which have\n"
+    "                        nothing to be predicted from. Prints loss (nats/token) and perplexity per document.\n"
+    "  --score-length N      tokens per scoring window (default: the model's context; block models: whole blocks)\n"
+    "  --micro-batch B       windows per forward when scoring (default 8)\n"
+    "  --dump-logits PATH    (score) also write every scored token's logits, loss and position to PATH\n"
+    "                        (safetensors; dev/parity.py compares them with PyTorch)\n"
     "  --bench               benchmark: random weights, random prompt ids, greedy, no stop at <|endoftext|>;\n"
-    "                        1 warm-up and 5 timed runs of the whole generation (prefill + decode)\n"
+    "                        1 warm-up and 3 timed runs of the whole generation (prefill + decode), the median\n"
     "  --config NAME         (bench) a named config (./train --list-configs)\n"
-    "  --prefill P  --decode D  --batch B    (bench) prompt tokens, new tokens and prompts (defaults 128, 128, 1)\n"
+    "  --prefill P  --decode D  --batch B    (bench) prompt tokens, new tokens and prompts (defaults 128, 128, 1);\n"
+    "                        --batch auto tries batches 1, 2, 4, ... while they fit in GPU memory and the\n"
+    "                        throughput grows, and reports the best\n"
     "  --help\n"
     "Output: the first prompt and its completion stream to stdout as they are generated; with several prompts each\n"
     "is headed by a line \"=== i/n ===\", the first streamed, the others printed when the batch is done. A summary\n"
@@ -46,14 +62,18 @@ struct UsageError : std::runtime_error {
 };
 
 struct InferOptions {
-    bool help = false, bench = false;
+    bool help = false, bench = false, print_ids = false;
     std::string checkpoint, tokenizer, prompt_file, config;
     std::vector<std::string> prompts;
+    std::vector<std::string> score_paths;   // --score
+    int score_length = 0;                   // 0: the model's context
+    int micro_batch = 8;
+    std::string dump_logits;
     int max_new_tokens = kDefaultMaxNewTokens;
     bool max_new_tokens_given = false;
     SamplingSettings sampling{0.0f, 50, 1.0f, 42};   // greedy; when sampling HF's implicit top-k 50 (SPEC 5.2)
     bool stop_at_eos = true;
-    int prefill = 128, decode = 128, batch = 1;   // --bench
+    int prefill = 128, decode = 128, batch = 1;   // --bench; batch 0 = auto
 };
 
 static long parse_integer(const std::string& option, const std::string& text) {
@@ -85,8 +105,10 @@ static InferOptions parse_infer_options(int argc, const char* const* argv) {
         if (arg == "--help") { o.help = true; continue; }
         if (arg == "--bench") { o.bench = true; continue; }
         if (arg == "--no-stop") { o.stop_at_eos = false; continue; }
+        if (arg == "--ids") { o.print_ids = true; continue; }
         static const char* valued[] = {"--checkpoint", "--prompt", "--prompt-file", "--tokenizer", "--max-new-tokens", "--temperature",
-                                       "--top-k", "--top-p", "--seed", "--config", "--prefill", "--decode", "--batch"};
+                                       "--top-k", "--top-p", "--seed", "--config", "--prefill", "--decode", "--batch",
+                                       "--score", "--score-length", "--micro-batch", "--dump-logits"};
         if (std::find(std::begin(valued), std::end(valued), arg) == std::end(valued))
             throw UsageError(arg.rfind("--", 0) == 0 ? "unknown option '" + arg + "'" : "unexpected argument '" + arg + "' (prompts go after --prompt)");
         if (i + 1 >= argc) throw UsageError("option '" + arg + "' needs a value");
@@ -107,7 +129,11 @@ static InferOptions parse_infer_options(int argc, const char* const* argv) {
         }
         else if (arg == "--prefill") o.prefill = parse_count(arg, value, 1);
         else if (arg == "--decode") o.decode = parse_count(arg, value, 1);
-        else if (arg == "--batch") o.batch = parse_count(arg, value, 1);
+        else if (arg == "--batch") o.batch = value == "auto" ? 0 : parse_count(arg, value, 1);
+        else if (arg == "--score") o.score_paths.push_back(value);
+        else if (arg == "--score-length") o.score_length = parse_count(arg, value, 2);
+        else if (arg == "--micro-batch") o.micro_batch = parse_count(arg, value, 1);
+        else if (arg == "--dump-logits") o.dump_logits = value;
     }
     if (o.help) return o;
     if (o.sampling.temperature < 0.0f) throw UsageError("--temperature must be >= 0 (0 = greedy)");
@@ -119,6 +145,11 @@ static InferOptions parse_infer_options(int argc, const char* const* argv) {
         return o;
     }
     if (o.checkpoint.empty()) throw UsageError(argc <= 1 ? "nothing to do" : "give --checkpoint DIR");
+    if (!o.score_paths.empty()) {
+        if (!o.prompts.empty() || !o.prompt_file.empty()) throw UsageError("--score and --prompt/--prompt-file are separate tasks: give one");
+        return o;
+    }
+    if (!o.dump_logits.empty() || o.score_length != 0) throw UsageError("--dump-logits and --score-length go with --score");
     if (o.prompts.empty() == o.prompt_file.empty()) throw UsageError("give --prompt TEXT (repeatable) or --prompt-file PATH, not both");
     return o;
 }
@@ -225,26 +256,200 @@ static void generate(const InferOptions& o) {
 
     Generation generation(*model, ids, options);
     const int B = generation.rows();
+    // Text: the first prompt streams as it is generated, the others are printed at the end. --ids: ids at the end.
     auto header = [&](int b) { if (B > 1) std::printf("=== %d/%d ===\n", b + 1, B); };
-    header(0);
-    std::fwrite(prompts[0].data(), 1, prompts[0].size(), stdout);
-    std::fflush(stdout);
     TextStream stream(tokenizer, stdout);
+    if (!o.print_ids) {
+        header(0);
+        std::fwrite(prompts[0].data(), 1, prompts[0].size(), stdout);
+        std::fflush(stdout);
+    }
     const auto start = std::chrono::steady_clock::now();
-    generation.run([&](int) { stream.update(generation.completion(0), false); });
+    generation.run([&](int) { if (!o.print_ids) stream.update(generation.completion(0), false); });
     const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-    stream.update(generation.completion(0), true);
-    std::printf("\n");
-    size_t generated = generation.completion(0).size();
-    for (int b = 1; b < B; b++) {
+    size_t generated = 0;
+    for (int b = 0; b < B; b++) {
         const std::vector<int> completion = generation.completion(b);
         generated += completion.size();
-        header(b);
-        std::printf("%s%s\n", prompts[b].c_str(), decode_generated(tokenizer, completion.data(), completion.size()).c_str());
+        if (o.print_ids) {
+            for (size_t i = 0; i < completion.size(); i++) std::printf("%s%d", i ? " " : "", completion[i]);
+        } else if (b == 0) {
+            stream.update(completion, true);
+        } else {
+            header(b);
+            std::printf("%s%s", prompts[b].c_str(), decode_generated(tokenizer, completion.data(), completion.size()).c_str());
+        }
+        std::printf("\n");
     }
     std::fflush(stdout);
     std::fprintf(stderr, "infer: %s, %d prompt%s, %zu tokens generated in %.2f s (%.1f tokens/s, prefill included)\n",
                  cfg.name.c_str(), B, B > 1 ? "s" : "", generated, seconds, generated / std::max(seconds, 1e-9));
+}
+
+// ----------------------------------------------------------------------------------------------------------------
+// Scoring (--score): the loss of whole documents under the training forward (plan_batch + GpuModel::forward, the
+// code that computes the validation loss), so a checkpoint can be evaluated on held-out text.
+
+struct ScoreDocument {
+    std::string name;          // the text file, or PREFIX#i for document i of a shard
+    std::vector<int> tokens;   // the document's ids, then <|endoftext|> (as in the training stream)
+};
+
+// The documents --score names: PATH.bin + PATH.idx give every document of the shard; otherwise PATH is a text file,
+// one document, tokenized (the tokenizer is loaded only when a text file needs it).
+static std::vector<ScoreDocument> read_score_documents(const std::vector<std::string>& paths, const std::string& tokenizer_path) {
+    namespace fs = std::filesystem;
+    std::unique_ptr<Tokenizer> tokenizer;
+    std::vector<ScoreDocument> documents;
+    for (const std::string& path : paths) {
+        if (fs::exists(path + ".bin") && fs::exists(path + ".idx")) {
+            const TokenShard shard = TokenShard::open(path);
+            for (size_t d = 0; d < shard.num_docs(); d++) {
+                documents.push_back({path + "#" + std::to_string(d), shard.document(d)});
+                documents.back().tokens.push_back(kEosId);
+            }
+            continue;
+        }
+        if (!fs::is_regular_file(path))
+            throw std::runtime_error("--score " + path + ": neither a text file nor a shard prefix (" + path + ".bin + " + path + ".idx)");
+        if (!tokenizer) tokenizer = std::make_unique<Tokenizer>(Tokenizer::from_file(tokenizer_path));
+        const std::vector<uint32_t> ids = tokenizer->encode(read_text_file(path));
+        documents.push_back({path, std::vector<int>(ids.begin(), ids.end())});
+        documents.back().tokens.push_back(kEosId);
+    }
+    return documents;
+}
+
+// Every document cut into consecutive windows of N tokens; the last window of a document is right-padded with
+// id 0 and mask 0. A window never mixes documents.
+struct ScoreWindows {
+    int N = 0;
+    std::vector<int> ids, mask;   // (W, N)
+    std::vector<int> document;    // (W) the document of each window
+    int count() const { return (int)document.size(); }
+};
+
+static ScoreWindows make_score_windows(const std::vector<ScoreDocument>& documents, int N, int V) {
+    ScoreWindows w;
+    w.N = N;
+    for (size_t d = 0; d < documents.size(); d++) {
+        const std::vector<int>& tokens = documents[d].tokens;
+        for (int id : tokens)
+            if (id < 0 || id >= V)
+                throw std::runtime_error(documents[d].name + " has token id " + std::to_string(id) + ", outside the model's vocabulary of " +
+                                         std::to_string(V));
+        for (size_t first = 0; first < tokens.size(); first += N) {
+            const size_t real = std::min(tokens.size() - first, (size_t)N);
+            w.ids.insert(w.ids.end(), tokens.begin() + first, tokens.begin() + first + real);
+            w.ids.insert(w.ids.end(), N - real, kEosId);
+            w.mask.insert(w.mask.end(), real, 1);
+            w.mask.insert(w.mask.end(), N - real, 0);
+            w.document.push_back((int)d);
+        }
+    }
+    return w;
+}
+
+// Every scored token of the windows, in window order, position order.
+struct TokenScores {
+    std::vector<int> window, position, target;   // (S)
+    std::vector<float> loss;                      // (S) cross-entropy, nats
+    std::vector<float> logits;                    // (S, V) when kept
+};
+
+// The windows through the model, B at a time (model: micro-batch B, sequence N); the last micro-batch is filled up
+// with copies of its first window, whose tokens are dropped. Scored: what plan_batch scores (mask 1, and not in the
+// first block / at the first position, which nothing predicts).
+static TokenScores score_windows(GpuModel& model, int B, const ScoreWindows& windows, bool keep_logits) {
+    const int N = windows.N, V = model.cfg.V;
+    TokenScores scores;
+    model.keep_logits = keep_logits;
+    for (int first = 0; first < windows.count(); first += B) {
+        const int real = std::min(B, windows.count() - first);
+        std::vector<int> ids, mask;
+        for (int b = 0; b < B; b++) {
+            const size_t w = (size_t)first + (b < real ? b : 0);
+            ids.insert(ids.end(), windows.ids.begin() + w * N, windows.ids.begin() + (w + 1) * N);
+            mask.insert(mask.end(), windows.mask.begin() + w * N, windows.mask.begin() + (w + 1) * N);
+        }
+        const BatchPlan plan = plan_batch(model.cfg, B, N, ids, mask);
+        model.forward(plan, 0.0f);
+        const std::vector<float> losses = model.token_losses();
+        for (size_t i = 0; i < losses.size(); i++) {
+            const int b = plan.head_positions[i] / N;
+            if (b >= real) continue;
+            scores.window.push_back(first + b);
+            scores.position.push_back(plan.head_positions[i] % N);
+            scores.target.push_back(plan.head_targets[i]);
+            scores.loss.push_back(losses[i]);
+            if (keep_logits)
+                scores.logits.insert(scores.logits.end(), model.host_logits.begin() + i * V, model.host_logits.begin() + (i + 1) * V);
+        }
+    }
+    return scores;
+}
+
+// --dump-logits: the windows and every scored token's logits and loss, for dev/parity.py (format in its docstring).
+static void write_score_dump(const std::string& path, const ModelConfig& cfg, const ScoreWindows& windows, const TokenScores& scores,
+                             double mean_loss) {
+    const int64_t W = windows.count(), N = windows.N, S = (int64_t)scores.loss.size();
+    char loss[32];
+    std::snprintf(loss, sizeof loss, "%.9g", mean_loss);
+    write_safetensors(path,
+                      {{"input_ids", DType::I32, {W, N}, windows.ids.data()},
+                       {"attention_mask", DType::I32, {W, N}, windows.mask.data()},
+                       {"scored_window", DType::I32, {S}, scores.window.data()},
+                       {"scored_position", DType::I32, {S}, scores.position.data()},
+                       {"targets", DType::I32, {S}, scores.target.data()},
+                       {"logits", DType::F32, {S, (int64_t)cfg.V}, scores.logits.data()},
+                       {"losses", DType::F32, {S}, scores.loss.data()}},
+                      {{"config", cfg.name}, {"precision", kPrecisionName}, {"loss", loss}});
+}
+
+static void score(const InferOptions& o) {
+    const std::string checkpoint = resolve_checkpoint(o.checkpoint);
+    const ModelConfig cfg = read_checkpoint_config(checkpoint);
+    const int N = o.score_length ? o.score_length : cfg.T;
+    if (N > cfg.T) throw std::runtime_error("--score-length " + std::to_string(N) + " is longer than the model's context of " + std::to_string(cfg.T));
+    if (cfg.is_block && (N % cfg.LB != 0 || N / cfg.LB < 2))
+        throw std::runtime_error("--score-length must be a multiple of the block length " + std::to_string(cfg.LB) + ", at least 2 blocks");
+    const std::vector<ScoreDocument> documents = read_score_documents(o.score_paths, o.tokenizer.empty() ? default_tokenizer_path() : o.tokenizer);
+    const ScoreWindows windows = make_score_windows(documents, N, cfg.V);
+    const int B = std::min(o.micro_batch, windows.count());
+    GpuModel model(cfg, B, N, GpuModel::Use::Scoring);
+    model.load_parameters(read_checkpoint_weights(SafetensorsFile::open(locate_checkpoint(checkpoint).weights), model.table));
+    const TokenScores scores = score_windows(model, B, windows, !o.dump_logits.empty());
+
+    std::vector<double> loss_sum(documents.size(), 0.0);
+    std::vector<size_t> scored(documents.size(), 0);
+    for (size_t i = 0; i < scores.loss.size(); i++) {
+        const int d = windows.document[scores.window[i]];
+        loss_sum[d] += scores.loss[i];
+        scored[d]++;
+    }
+    std::printf("%s: %s, windows of %d tokens\n", checkpoint.c_str(), cfg.name.c_str(), N);
+    std::printf("| document | tokens (+ EOS) | scored | loss (nats/token) | perplexity |\n| --- | --- | --- | --- | --- |\n");
+    double total_loss = 0.0;
+    size_t total_tokens = 0, total_scored = 0;
+    for (size_t d = 0; d < documents.size(); d++) {
+        total_loss += loss_sum[d];
+        total_tokens += documents[d].tokens.size();
+        total_scored += scored[d];
+        if (scored[d] == 0) {
+            std::printf("| %s | %zu | 0 | - | - |\n", documents[d].name.c_str(), documents[d].tokens.size());
+            continue;
+        }
+        const double loss = loss_sum[d] / scored[d];
+        std::printf("| %s | %zu | %zu | %.4f | %.2f |\n", documents[d].name.c_str(), documents[d].tokens.size(), scored[d], loss, std::exp(loss));
+    }
+    if (total_scored == 0) throw std::runtime_error("no token could be scored: every document fits in a window's first " +
+                                                    std::string(cfg.is_block ? "block" : "token"));
+    const double mean = total_loss / total_scored;
+    std::printf("| all %zu documents | %zu | %zu | %.4f | %.2f |\n", documents.size(), total_tokens, total_scored, mean, std::exp(mean));
+    if (!o.dump_logits.empty()) {
+        write_score_dump(o.dump_logits, cfg, windows, scores, mean);
+        std::fprintf(stderr, "infer: wrote the logits of %zu scored tokens to %s\n", total_scored, o.dump_logits.c_str());
+    }
 }
 
 // ----------------------------------------------------------------------------------------------------------------
@@ -269,6 +474,89 @@ static std::vector<float> random_weights(const TensorTable& table, uint64_t seed
     return host;
 }
 
+// H200 ceilings (issue 8): the specification's memory bandwidth, and the device copy and bf16 matmul rates measured
+// on the machine, which the roofline uses.
+constexpr double kH200SpecBytesPerSecond = 4.8e12;
+constexpr double kH200CopyBytesPerSecond = 4.25e12;
+constexpr double kH200MatmulFlopsPerSecond = 709e12;
+
+struct BenchResult {
+    int batch = 0;
+    double ms = 0, ms_min = 0, ms_max = 0;   // whole generation: median, fastest and slowest of the timed runs
+    double decode_ms = 0;                    // its decode phase (after the prefill), median
+    double used_gib = 0;                     // GPU memory in use during the runs
+};
+
+static double median(std::vector<double> values) {
+    std::sort(values.begin(), values.end());
+    const size_t n = values.size();
+    return n % 2 ? values[n / 2] : 0.5 * (values[n / 2 - 1] + values[n / 2]);
+}
+
+// One batch size: warm-up, then `runs` timed generations with CUDA events. Throws CudaOutOfMemory when it does not fit.
+static BenchResult time_generation(const InferenceModel& model, int batch, int prefill, int decode, int runs) {
+    std::mt19937 rng(2);
+    std::vector<std::vector<int>> prompts(batch, std::vector<int>(prefill));
+    for (auto& prompt : prompts)
+        for (int& id : prompt) id = (int)(rng() % (uint32_t)model.cfg.V);
+    GenerationOptions options;
+    options.max_new_tokens = decode;
+    options.stop_at_eos = false;
+    Generation generation(model, prompts, options);
+    generation.run();   // warm-up: creates the cuBLASLt plans and captures the decode graph
+
+    cudaEvent_t start, stop;
+    cudaCheck(cudaEventCreate(&start));
+    cudaCheck(cudaEventCreate(&stop));
+    std::vector<double> ms, decode_ms;
+    for (int run = 0; run < runs; run++) {
+        cudaCheck(cudaEventRecord(start, generation.stream()));
+        generation.run();
+        cudaCheck(cudaEventRecord(stop, generation.stream()));
+        cudaCheck(cudaEventSynchronize(stop));
+        float whole = 0.0f, decoding = 0.0f;
+        cudaCheck(cudaEventElapsedTime(&whole, start, stop));
+        cudaCheck(cudaEventElapsedTime(&decoding, generation.prefill_done(), stop));
+        ms.push_back(whole);
+        decode_ms.push_back(decoding);
+    }
+    cudaCheck(cudaEventDestroy(start));
+    cudaCheck(cudaEventDestroy(stop));
+    BenchResult r;
+    r.batch = batch;
+    r.ms = median(ms);
+    r.ms_min = *std::min_element(ms.begin(), ms.end());
+    r.ms_max = *std::max_element(ms.begin(), ms.end());
+    r.decode_ms = median(decode_ms);
+    size_t free_bytes = 0, total_bytes = 0;
+    cudaCheck(cudaMemGetInfo(&free_bytes, &total_bytes));
+    // Nothing is allocated or freed during a run, so what is in use now (caches still held) is the peak.
+    r.used_gib = (double)(total_bytes - free_bytes) / (1024.0 * 1024.0 * 1024.0);
+    return r;
+}
+
+// --batch auto: batches 1, 2, 4, ... (1 timed run each) while they fit and the throughput still grows by 2%.
+static int find_best_batch(const InferenceModel& model, int prefill, int decode) {
+    int best = 0;
+    double best_rate = 0.0;
+    for (int batch = 1; batch <= (1 << 16); batch *= 2) {
+        try {
+            const BenchResult r = time_generation(model, batch, prefill, decode, 1);
+            const double rate = (double)batch * decode / (r.ms / 1000.0);
+            std::fprintf(stderr, "infer: --batch auto: batch %d: %.0f tokens/s, %.2f GiB\n", batch, rate, r.used_gib);
+            if (rate > best_rate * 1.02) {
+                best = batch, best_rate = rate;
+                continue;
+            }
+        } catch (const CudaOutOfMemory&) {
+            std::fprintf(stderr, "infer: --batch auto: batch %d does not fit in GPU memory\n", batch);
+        }
+        break;
+    }
+    if (best == 0) throw std::runtime_error("--batch auto: not even a batch of 1 fits in GPU memory");
+    return best;
+}
+
 static void bench(const InferOptions& o) {
     print_device_info();
     ModelConfig cfg = config_by_name(o.config);
@@ -277,43 +565,24 @@ static void bench(const InferOptions& o) {
     cfg.T = std::max(cfg.T, generation_context_tokens(cfg, o.prefill, o.decode));
     InferenceModel model(cfg);
     model.load(random_weights(model.table, 1));
-    std::mt19937 rng(2);
-    std::vector<std::vector<int>> prompts(o.batch, std::vector<int>(o.prefill));
-    for (auto& prompt : prompts)
-        for (int& id : prompt) id = (int)(rng() % (uint32_t)cfg.V);
-    GenerationOptions options;
-    options.max_new_tokens = o.decode;
-    options.stop_at_eos = false;
-    Generation generation(model, prompts, options);
+    const int batch = o.batch > 0 ? o.batch : find_best_batch(model, o.prefill, o.decode);
+    constexpr int kRuns = 3;
+    const BenchResult r = time_generation(model, batch, o.prefill, o.decode, kRuns);
 
-    constexpr int kRuns = 5;
-    cudaEvent_t start, stop;
-    cudaCheck(cudaEventCreate(&start));
-    cudaCheck(cudaEventCreate(&stop));
-    generation.run();   // warm-up: creates the cuBLASLt plans and captures the decode graph
-    std::vector<double> ms;
-    for (int run = 0; run < kRuns; run++) {
-        cudaCheck(cudaEventRecord(start, generation.stream()));
-        generation.run();
-        cudaCheck(cudaEventRecord(stop, generation.stream()));
-        cudaCheck(cudaEventSynchronize(stop));
-        float elapsed = 0.0f;
-        cudaCheck(cudaEventElapsedTime(&elapsed, start, stop));
-        ms.push_back(elapsed);
-    }
-    cudaCheck(cudaEventDestroy(start));
-    cudaCheck(cudaEventDestroy(stop));
-    double mean = 0.0, var = 0.0;
-    for (double m : ms) mean += m / kRuns;
-    for (double m : ms) var += (m - mean) * (m - mean) / kRuns;
-    size_t free_bytes = 0, total_bytes = 0;
-    cudaCheck(cudaMemGetInfo(&free_bytes, &total_bytes));
-    // Nothing is allocated or freed during a run, so what is in use now is the peak.
-    const double used_gib = (double)(total_bytes - free_bytes) / (1024.0 * 1024.0 * 1024.0);
-    std::printf("| config | prefill | decode | batch | ms per generation (mean +- std of %d) | tokens/s (batch x decode / time) | GPU memory in use |\n", kRuns);
-    std::printf("| --- | --- | --- | --- | --- | --- | --- |\n");
-    std::printf("| %s | %d | %d | %d | %.2f +- %.2f | %.0f | %.2f GiB |\n", cfg.name.c_str(), o.prefill, o.decode, o.batch, mean,
-                std::sqrt(var), (double)o.batch * o.decode / (mean / 1000.0), used_gib);
+    // the decode phase against the roofline (model.h decode_cost)
+    const int LB = cfg.is_block ? cfg.LB : 1;
+    const int padded = (o.prefill + LB - 1) / LB * LB;
+    const int steps = cfg.is_block ? (o.decode + LB - 1) / LB : o.decode - 1;
+    const DecodeCost cost = decode_cost(cfg, model.table, batch, padded, steps, (int)sizeof(floatX));
+    const double decode_s = r.decode_ms / 1000.0;
+    const double roofline_s = std::max(cost.bytes / kH200CopyBytesPerSecond, cost.flops / kH200MatmulFlopsPerSecond);
+    std::printf("| config | prefill | decode | batch | ms per generation (median of %d, [min, max]) | tokens/s (batch x decode / time) | "
+                "GPU memory in use | decode ms | decode GB/s (%% of 4.8 TB/s) | decode %% of roofline |\n", kRuns);
+    std::printf("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n");
+    std::printf("| %s | %d | %d | %d%s | %.2f [%.2f, %.2f] | %.0f | %.2f GiB | %.2f | %.0f (%.0f%%) | %.0f%% (%s-bound) |\n", cfg.name.c_str(),
+                o.prefill, o.decode, batch, o.batch > 0 ? "" : " (auto)", r.ms, r.ms_min, r.ms_max, (double)batch * o.decode / (r.ms / 1000.0),
+                r.used_gib, r.decode_ms, cost.bytes / decode_s / 1e9, 100.0 * cost.bytes / decode_s / kH200SpecBytesPerSecond,
+                100.0 * roofline_s / decode_s, cost.bytes / kH200CopyBytesPerSecond >= cost.flops / kH200MatmulFlopsPerSecond ? "memory" : "compute");
 }
 
 #ifndef BLOCKTF_INFER_NO_MAIN   // test/test_infer.cu includes this file for its option parsing and text streaming
@@ -329,6 +598,7 @@ int main(int argc, char** argv) {
             return 0;
         }
         if (options.bench) bench(options);
+        else if (!options.score_paths.empty()) score(options);
         else generate(options);
         return 0;
     } catch (const UsageError& e) {

@@ -350,6 +350,60 @@ inline double training_flops_per_sequence(const ModelConfig& c) {
 }
 
 // ----------------------------------------------------------------------------------------------------------------
+// The decode phase of a generation (SPEC 5.5: everything after the prefill), counted for the roofline that
+// ./infer --bench reports. B rows; prompts padded to Tp tokens (block models: whole blocks); `steps` decode steps:
+// block models one block each (the token decoder's LB local steps, then one block-decoder step), vanilla one token
+// each. Per step, what cannot be avoided:
+//   bytes: every weight matrix the step multiplies by, read once per launch whatever B is (a stack's layers and
+//          final LayerNorm, the expansion layer, embed_out), in elem_bytes per value; the KV cache read by attention
+//          (B x visible positions x 2 (k and v) x C per layer) and the new k, v written (B x 2 x C per layer);
+//   flops: 2 x weights x B for the matmuls, 4 x C x visible positions x B per layer for attention.
+// Embedding lookups read only B rows and are left out, as are activations, which stay in cache at decode sizes.
+struct DecodeCost {
+    double bytes = 0, flops = 0;
+};
+
+// Values of the tensors whose names start with prefix.
+inline double table_elements(const TensorTable& table, const std::string& prefix) {
+    double n = 0;
+    for (const ParamTensor& t : table.tensors)
+        if (t.name.rfind(prefix, 0) == 0) n += (double)t.numel;
+    return n;
+}
+
+inline DecodeCost decode_cost(const ModelConfig& c, const TensorTable& table, int B, int Tp, int steps, int elem_bytes) {
+    DecodeCost cost;
+    // one forward of `new_positions` positions through a cached stack whose keys 0..visible-1 are visible to the last
+    auto stack_step = [&](const std::string& prefix, const StackConfig& s, double visible) {
+        const double weights = table_elements(table, prefix + "layers.") + table_elements(table, prefix + "final_layer_norm.");
+        cost.bytes += weights * elem_bytes + (double)B * s.L * 2.0 * s.C * (visible + 1) * elem_bytes;
+        cost.flops += 2.0 * weights * B + 4.0 * s.C * visible * B * s.L;
+    };
+    auto matmul = [&](const std::string& prefix) {
+        const double weights = table_elements(table, prefix);
+        cost.bytes += weights * elem_bytes;
+        cost.flops += 2.0 * weights * B;
+    };
+    if (!c.is_block) {
+        for (int step = 1; step <= steps; step++) {   // step s feeds token s-1 of the completion at position Tp+s-1
+            stack_step("gpt_neox.", c.token_decoder, Tp + step);
+            matmul("embed_out.");
+        }
+        return cost;
+    }
+    const int n0 = Tp / c.LB;
+    for (int step = 0; step < steps; step++) {
+        matmul("token_decoder.expansion_layer.");
+        for (int j = 0; j < c.LB; j++) {   // the prefix (P positions), then tokens 0..LB-2; each ends in the LM head
+            stack_step("token_decoder.gpt_neox.", c.token_decoder, c.P + j);
+            matmul("token_decoder.embed_out.");
+        }
+        stack_step("block_decoder.gpt_neox.", c.block_decoder, n0 + step + 1);
+    }
+    return cost;
+}
+
+// ----------------------------------------------------------------------------------------------------------------
 // The shape of a released Block Transformer checkpoint, which has no config (SPEC 6.1 recipe): widths from the
 // tables, layer counts from the highest layer index, MLP widths from dense_h_to_4h, prefix length from the
 // expansion layer, heads from the autofill rule (not stored anywhere), block length = D_b / D_e.

@@ -99,7 +99,16 @@ TEST_CASE("infer: options, defaults and usage errors") {
     CHECK(o.prefill == 64);
     CHECK(o.decode == 32);
     CHECK(o.batch == 4);
+    CHECK(parse({"--bench", "--config", "tiny_block", "--batch", "auto"}).batch == 0);   // 0 = auto
     CHECK(parse({"--help"}).help);
+
+    o = parse({"--checkpoint", "c", "--score", "a.txt", "--score", "shard", "--score-length", "512", "--micro-batch", "4",
+               "--dump-logits", "d.safetensors"});
+    CHECK(o.score_paths == std::vector<std::string>{"a.txt", "shard"});
+    CHECK(o.score_length == 512);
+    CHECK(o.micro_batch == 4);
+    CHECK(o.dump_logits == "d.safetensors");
+    CHECK(parse({"--checkpoint", "c", "--prompt", "x", "--ids"}).print_ids);
 
     auto usage_error = [](std::vector<std::string> words, const char* message) {
         CAPTURE(message);
@@ -120,6 +129,10 @@ TEST_CASE("infer: options, defaults and usage errors") {
     usage_error({"--checkpoint", "c", "--prompt", "x", "--top-p", "1.5"}, "--top-p must be in (0, 1]");
     usage_error({"--checkpoint", "c", "--prompt", "x", "--top-k", "-3"}, "--top-k must be an integer >= 0");
     usage_error({"--checkpoint", "c", "--prompt", "x", "--seed", "-1"}, "--seed must be >= 0");
+    usage_error({"--checkpoint", "c", "--score", "a.txt", "--prompt", "x"}, "--score and --prompt/--prompt-file are separate tasks");
+    usage_error({"--checkpoint", "c", "--prompt", "x", "--dump-logits", "d"}, "--dump-logits and --score-length go with --score");
+    usage_error({"--checkpoint", "c", "--score", "a.txt", "--score-length", "1"}, "--score-length must be an integer >= 2");
+    usage_error({"--bench", "--config", "tiny_block", "--batch", "most"}, "--batch expects an integer, got 'most'");
     usage_error({"--bench"}, "--bench needs --config NAME");
     usage_error({"--bench", "--config", "tiny_block", "--checkpoint", "c"}, "--bench uses random weights");
 }
@@ -578,6 +591,71 @@ GPU_TEST_CASE("infer: equal logits: greedy stops at <|endoftext|>, sampling is u
         for (int b = 0; b < 64; b++) differ += other.tokens(b)[0] != first.tokens(b)[0];
         CHECK(differ > 32);
     }
+}
+
+// infer --score: the scoring path (documents cut into windows, micro-batches filled up, plan_batch, GpuModel in
+// scoring mode) against the CPU reference's logits and cross-entropy on the same windows. Which tokens are scored
+// is checked against the rule written out here: every real token but a window's first block / first token.
+void check_scoring(const char* name) {
+    TinyModels models(name);
+    Reference<float>& reference = models.reference;
+    const ModelConfig& c = reference.cfg;
+    std::vector<ScoreDocument> documents = {{"long", prompt_of_length(29, 11)}, {"short", prompt_of_length(2, 12)},
+                                            {"one window", prompt_of_length(15, 13)}};
+    for (ScoreDocument& d : documents) d.tokens.push_back(kEosId);
+    const int N = 16;
+    const ScoreWindows windows = make_score_windows(documents, N, c.V);
+    REQUIRE(windows.count() == 4);   // 30 tokens: 2 windows; 3: 1; 16: 1
+    CHECK(windows.document == std::vector<int>{0, 0, 1, 2});
+    CHECK(std::count(windows.mask.begin(), windows.mask.end(), 1) == 30 + 3 + 16);
+
+    constexpr int kMicroBatch = 3;   // the second micro-batch holds one window and two fillers
+    GpuModel model(c, kMicroBatch, N, GpuModel::Use::Scoring);
+    model.load_parameters(models.host);
+    const TokenScores scores = score_windows(model, kMicroBatch, windows, true);
+
+    const int unscored = c.is_block ? c.LB : 1;
+    std::vector<int> expected_window, expected_position;
+    for (int w = 0; w < windows.count(); w++)
+        for (int t = unscored; t < N; t++)
+            if (windows.mask[(size_t)w * N + t]) expected_window.push_back(w), expected_position.push_back(t);
+    CHECK(scores.window == expected_window);
+    CHECK(scores.position == expected_position);
+    REQUIRE(scores.loss.size() == expected_window.size());
+
+    Batch batch;
+    batch.B = windows.count();
+    batch.T = N;
+    batch.ids = windows.ids;
+    batch.mask = windows.mask;
+    reference.forward(batch);
+    std::vector<float> reference_logits, reference_losses, gpu_logits = scores.logits;
+    for (size_t i = 0; i < scores.loss.size(); i++) {
+        const int w = scores.window[i], t = scores.position[i];
+        CHECK(scores.target[i] == windows.ids[(size_t)w * N + t]);
+        const size_t row = c.is_block ? ((size_t)w * (N / c.LB - 1) + t / c.LB - 1) * c.LB + t % c.LB : (size_t)w * N + t - 1;
+        const float* logits = reference.logits.data() + row * c.V;
+        reference_logits.insert(reference_logits.end(), logits, logits + c.V);
+        double max = logits[0], sum = 0.0;
+        for (int v = 0; v < c.V; v++) max = std::max(max, (double)logits[v]);
+        for (int v = 0; v < c.V; v++) sum += std::exp(logits[v] - max);
+        reference_losses.push_back((float)(std::log(sum) + max - logits[scores.target[i]]));
+    }
+    REQUIRE(gpu_logits.size() == reference_logits.size());
+    const double logits_error = relative_error(gpu_logits.data(), reference_logits.data(), gpu_logits.size());
+    const double loss_error = relative_error(scores.loss.data(), reference_losses.data(), reference_losses.size());
+    MESSAGE(name << " scoring: logits relative error " << logits_error << ", per-token loss relative error " << loss_error);
+    CHECK(logits_error < kTolerance);
+    CHECK(loss_error < kTolerance);
+}
+
+GPU_TEST_CASE("infer: tiny_block scoring windows and losses equal the CPU reference") { check_scoring("tiny_block"); }
+GPU_TEST_CASE("infer: tiny_vanilla scoring windows and losses equal the CPU reference") { check_scoring("tiny_vanilla"); }
+
+// A document with an id outside the vocabulary is named; so is a path that is neither a file nor a shard.
+TEST_CASE("infer: scoring input errors name the document") {
+    CHECK_THROWS_WITH(make_score_windows({{"doc.txt", {5, 200, 0}}}, 16, 96), doctest::Contains("doc.txt has token id 200"));
+    CHECK_THROWS_WITH(read_score_documents({"/nonexistent/file"}, "unused"), doctest::Contains("neither a text file nor a shard prefix"));
 }
 
 // A checkpoint written by training loads for inference from the training output directory (its newest

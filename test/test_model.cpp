@@ -125,6 +125,34 @@ TEST_CASE("model: training FLOPs count the real architecture") {
     CHECK(training_flops_per_sequence(config_by_name("tiny_block")) == 3.0 * (784896 + 43008 + 1747200 + 172032));
 }
 
+TEST_CASE("model: the decode phase's bytes and FLOPs (the roofline of ./infer --bench)") {
+    // tiny_vanilla by hand: a layer holds qkv 3*32*32+96, dense 32*32+32, MLP 32*96+96 and 96*32+32, two LayerNorms
+    // 4*32: 10624 values; 2 layers + final LayerNorm 64 + embed_out 96*32 = 24384 weights read per token.
+    // One step (B 1, prompt 5: the new token at position 5 sees 6 keys): KV reads 2 layers x 2 x 32 x 6 and the new
+    // k, v 2 x 2 x 32, bf16: 1792 bytes; FLOPs 2 x 24384 + attention 4 x 32 x 6 x 2 layers.
+    const ModelConfig vanilla = config_by_name("tiny_vanilla");
+    const DecodeCost v = decode_cost(vanilla, build_tensor_table(vanilla), 1, 5, 1, 2);
+    CHECK(v.bytes == 24384 * 2 + 1792);
+    CHECK(v.flops == 2 * 24384 + 4 * 32 * 6 * 2);
+    // tiny_block by hand: block decoder layer 3*48*48+144 + 48*48+48 + 48*192+192 + 192*48+48 + 4*48 = 28272, two
+    // plus final LayerNorm 96: 56640; token decoder (as tiny_vanilla's layer with I 128): 12704 x 2 + 64 = 25472;
+    // embed_out 3072; expansion 48*64 + 64 = 3136. A step reads the expansion once, the token decoder and embed_out
+    // LB = 4 times, the block decoder once: 173952 weights. KV (B 1, prompt 2 blocks): the token decoder's 4 calls see
+    // P+j = 2, 3, 4, 5 keys and write one more each: 18 x 2 layers x 2 x 32; the block decoder sees 3 blocks, writes
+    // one: 4 x 2 x 2 x 48.
+    const ModelConfig block = config_by_name("tiny_block");
+    const TensorTable table = build_tensor_table(block);
+    const DecodeCost b = decode_cost(block, table, 1, 8, 1, 2);
+    CHECK(b.bytes == 173952 * 2 + (18 * 2 * 2 * 32 + 4 * 2 * 2 * 48) * 2);
+    CHECK(b.flops == 2 * 173952 + 4 * 32 * (2 + 3 + 4 + 5) * 2 + 4 * 48 * 3 * 2);
+    // FLOPs grow with the batch, weight bytes do not; later steps see more of the cache
+    const DecodeCost b2 = decode_cost(block, table, 2, 8, 1, 2);
+    CHECK(b2.flops == 2 * b.flops);
+    CHECK(b2.bytes - b.bytes == (18 * 2 * 2 * 32 + 4 * 2 * 2 * 48) * 2);
+    const DecodeCost two_steps = decode_cost(block, table, 1, 8, 2, 2);
+    CHECK(two_steps.bytes - b.bytes == b.bytes + 1 * 2 * 2 * 48 * 2);   // the second block-decoder step sees one more block
+}
+
 // The shapes a checkpoint of this config stores, as a list (what a safetensors header gives).
 static std::vector<std::pair<std::string, std::vector<size_t>>> stored_shapes(const ModelConfig& c) {
     std::vector<std::pair<std::string, std::vector<size_t>>> shapes;
