@@ -46,9 +46,16 @@ TRAIN_TEXT := $(TEXT_DIR)/tinyshakespeare.txt $(TEXT_DIR)/enwik8-first100.txt \
               $(filter-out $(VAL_TEXT),$(sort $(wildcard $(TEXT_DIR)/gutenberg/*.txt)))
 TOKENIZER  := $(DATA_DIR)/tokenizer/pythia-tokenizer.json
 # A second `make train` continues the run in out/CONFIG (after Ctrl-C, say) instead of starting over.
-TRAIN_ARGS ?= --config $(CONFIG) --data out/data/train --val-data out/data/val --out out/$(CONFIG) \
-              $(if $(wildcard out/$(CONFIG)/checkpoint-*),--resume out/$(CONFIG)) \
-              --steps 300 --warmup 30 --batch-size 64 --micro-batch 32 --val-interval 25 --checkpoint-interval 100
+# STEPS sets the length (300 updates: about 35 s for the block default on an H200, 80 s for vanilla_31); the
+# 10-minute runs of README.md's loss curves set STEPS, VAL_INTERVAL, CHECKPOINT_INTERVAL and OUT_DIR.
+STEPS               ?= 300
+VAL_INTERVAL        ?= 25
+CHECKPOINT_INTERVAL ?= 100
+OUT_DIR             ?= out/$(CONFIG)
+TRAIN_ARGS ?= --config $(CONFIG) --data out/data/train --val-data out/data/val --out $(OUT_DIR) \
+              $(if $(wildcard $(OUT_DIR)/checkpoint-*),--resume $(OUT_DIR)) \
+              --steps $(STEPS) --warmup 30 --batch-size 64 --micro-batch 32 --val-interval $(VAL_INTERVAL) \
+              --checkpoint-interval $(CHECKPOINT_INTERVAL)
 INFER_ARGS ?= --checkpoint out/$(CONFIG) --tokenizer $(TOKENIZER) --prompt "It was a dark and stormy night" --max-new-tokens 64
 
 TEST_SRCS  := $(wildcard test/*.cpp test/*.cu)
