@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # dev/gpu_check.sh: what to run on the GPU machine before saying a GPU change is done. Builds the test binary in
-# both precisions, runs every test (the [gpu] cases included) and prints a short table at the end.
+# both precisions, runs every test (the [gpu] cases included) and prints a short table; then the training and
+# generation benchmarks and an end-to-end training run with an interrupted-and-resumed copy.
 #   bash dev/gpu_check.sh [DATA_DIR]     (DATA_DIR: a copy of ../shared/data inside the checkout, e.g. .device_data)
+# Parts can be skipped: SKIP_TESTS=1, SKIP_BENCH=1 (both benchmarks), SKIP_GENERATION_BENCH=1, SKIP_TRAIN=1.
+# BENCH_CONFIGS lists the training-benchmark configs; GENERATION_PAIRS the generation-benchmark configs.
 # Full logs go to $OUT (the device tool's output folder) when it is set, else to /tmp.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -12,6 +15,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader ||
 
 declare -A summary
 for precision in FP32 BF16; do
+    [ "${SKIP_TESTS:-0}" = 1 ] && break
     log="$logs/test_$precision.log"
     if ! make -j"$jobs" PRECISION="$precision" test_blocktf >"$logs/build_$precision.log" 2>&1; then
         summary[$precision]="build failed (see build_$precision.log)"
@@ -23,10 +27,12 @@ for precision in FP32 BF16; do
     grep -E "ERROR|MESSAGE|relative error|worst" "$log" | head -60
 done
 
-echo
-echo "| precision | doctest test cases |"
-echo "| --- | --- |"
-for precision in FP32 BF16; do echo "| $precision | ${summary[$precision]} |"; done
+if [ "${SKIP_TESTS:-0}" != 1 ]; then
+    echo
+    echo "| precision | doctest test cases |"
+    echo "| --- | --- |"
+    for precision in FP32 BF16; do echo "| $precision | ${summary[$precision]} |"; done
+fi
 
 # The programs, BF16 (the build left by the loop above).
 make -j"$jobs" PRECISION=BF16 build/bin/train build/bin/infer >"$logs/build_programs.log" 2>&1 || { tail -20 "$logs/build_programs.log"; exit 1; }
@@ -36,6 +42,20 @@ if [ "${SKIP_BENCH:-0}" != 1 ]; then
     echo
     for config in ${BENCH_CONFIGS:-block_main_b4_85 vanilla_160 block_main_b4_300 vanilla_410}; do
         ./train --bench --config "$config" --micro-batch 8 --steps 10 2>&1 | tee -a "$logs/bench_train.log" | grep -E "^\| [a-z]" | grep -v "^| config"
+    done
+fi
+
+# Generation benchmark (SPEC 5.5) at the paper's two settings, each config at the batch that --batch auto finds best.
+if [ "${SKIP_BENCH:-0}" != 1 ] && [ "${SKIP_GENERATION_BENCH:-0}" != 1 ]; then
+    echo
+    header_printed=0
+    for config in ${GENERATION_CONFIGS:-block_main_b4_85 vanilla_160 block_main_b4_300 vanilla_410}; do
+        for setting in "2048 128" "128 2048"; do
+            set -- $setting
+            ./infer --bench --config "$config" --prefill "$1" --decode "$2" --batch auto > "$logs/bench_generation_${config}_$1_$2.log" 2>&1
+            if [ $header_printed = 0 ]; then grep -E "^\| (config|---)" "$logs/bench_generation_${config}_$1_$2.log"; header_printed=1; fi
+            grep -E "^\| [a-z]" "$logs/bench_generation_${config}_$1_$2.log" | grep -v "^| config" || tail -3 "$logs/bench_generation_${config}_$1_$2.log"
+        done
     done
 fi
 
