@@ -559,8 +559,9 @@ __global__ void permute_heads_kernel(floatX* out, const floatX* inp, int nseq, i
 
 // ----------------------------------------------------------------------------------------------------------------
 // Attention (SPEC 1.1.5): causal, key-padding mask, scale HS^-0.5. Per (sequence, head): scores = q k^T · scale,
-// masked softmax, out = probs · v. The (S, S) scores live in one scratch buffer reused by every layer; the
-// backward recomputes them instead of keeping a (S, S) matrix per layer.
+// masked softmax, out = probs · v. Two implementations behind attention_forward/backward: short sequences (the
+// token decoder) take the fused small kernels; longer ones batched GEMMs with the (S, S) scores in one scratch
+// buffer reused by every layer (the backward recomputes them instead of keeping a (S, S) matrix per layer).
 
 // One warp per score row. scores: (nseq*NH, S, S) fp32   key_mask: (nseq, S)   probs: (nseq*NH, S, S)
 // Query i sees keys j <= i with key_mask[j] = 1; invisible keys get probability 0 (a row seeing none: all 0).
@@ -595,6 +596,249 @@ __global__ void attention_softmax_backward_kernel(floatX* dscores, const floatX*
     for (int j = lane; j < S; j += 32) dscores[row * S + j] = to_floatX(to_f32(p[j]) * (dp[j] - dot));
 }
 
+// Small attention: S <= 16 (the token decoder: S = P + LB - 1 = 5 in every paper config), one fused kernel per
+// direction instead of the batched GEMMs and softmax kernels below, which cost 5x more at these sizes (dev/NOTES.md).
+//
+// One warp per (sequence, head); the warps of a block are independent (no block barrier, a warp past the last head
+// returns). Lane l owns dims d = l + 32u of every row (u < HS/32; with HS = 16, lanes 16..31 hold zeros). The head's
+// rows sit in shared memory in lane-owned slots [row][u][lane]: a lane only ever touches its own words, so there
+// are no bank conflicts and no __syncwarp. A dot product is a warp sum; lane j keeps the score of key j (S <= 32),
+// so the softmax is two warp reductions and p_ij reaches every lane by a shuffle. fp32 math, nothing (S, S) in
+// device memory; the backward recomputes the probabilities.
+//
+// One call, H = nseq*NH heads, E = H*S*HS elements per tensor: the forward reads q, k, v and writes out (4E floatX)
+// for 2·E·(S+1) FLOPs (causal: S(S+1)/2 pairs of 4·HS); the backward reads q, k, v, dout and writes dq, dk, dv (7E
+// floatX) for 5·E·(S+1) FLOPs. At S = 5 that is under 2 FLOPs per byte: memory-bound by far.
+
+constexpr int kSmallMaxS = 16;
+constexpr int kSmallMaxWarps = 8;                     // heads per block at most
+constexpr size_t kSmallSmemPerBlock = 48 << 10;       // within the default dynamic shared-memory limit: no opt-in
+
+__host__ __device__ constexpr int small_dims_per_lane(int HS) { return (HS + 31) / 32; }
+
+// Softmax across the lanes of a warp: lane j holds s_j (-inf for a key it must not see); returns p_j. When every
+// lane holds -inf (a query that sees no key), every p_j is 0.
+__device__ inline float lane_softmax(float s) {
+    const float max_s = warp_max(s);
+    const float e = s == -INFINITY ? 0.0f : expf(s - max_s);
+    const float sum = warp_sum(e);
+    return sum > 0.0f ? e / sum : 0.0f;
+}
+
+// Bit j set: key j of this sequence is visible (j < S <= 32). mask_row: (S) ints.
+__device__ inline unsigned visible_key_bits(const int* mask_row, int S) {
+    const int lane = threadIdx.x % 32;
+    return __ballot_sync(0xffffffffu, lane < S && mask_row[lane] != 0);
+}
+
+// Rows 0..S-1 of one head (row j at src + j * stride, HS floatX) into lane-owned fp32 slots dst[(j*U + u)*32 + lane].
+template <int HS>
+__device__ inline void small_load_head(float* dst, const floatX* src, size_t stride, int S) {
+    constexpr int U = small_dims_per_lane(HS);
+    const int lane = threadIdx.x % 32;
+#pragma unroll 4
+    for (int j = 0; j < S; j++)
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            const int d = lane + 32 * u;
+            dst[(j * U + u) * 32 + lane] = d < HS ? to_f32(src[j * stride + d]) : 0.0f;
+        }
+}
+
+// One row of HS values from this lane's registers (or slots 32 apart, slot_stride 32) to dst[d], times factor.
+template <int HS>
+__device__ inline void small_store_row(floatX* dst, const float* values, int slot_stride, float factor) {
+    const int lane = threadIdx.x % 32;
+#pragma unroll
+    for (int u = 0; u < small_dims_per_lane(HS); u++) {
+        const int d = lane + 32 * u;
+        if (d < HS) dst[d] = to_floatX(values[u * slot_stride] * factor);
+    }
+}
+
+// Forward. Per warp, shared memory holds q, k, v of its head: 3 (S, 32U) fp32 blocks of lane-owned slots.
+// Per query i: s_ij = warp sums of q_i·k_j (lane j keeps it), p = lane_softmax, out_i = Σ_j p_ij v_j (shuffles).
+template <int HS>
+__global__ void __launch_bounds__(kSmallMaxWarps * 32)
+small_attention_forward_kernel(floatX* out, const floatX* q, const floatX* k, const floatX* v, const int* key_mask,
+                               int nseq, int S, int NH, float scale) {
+    constexpr int U = small_dims_per_lane(HS);
+    extern __shared__ float small_smem[];
+    const int warps = blockDim.x / 32, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const size_t head = (size_t)blockIdx.x * warps + warp;   // seq * NH + h
+    if (head >= (size_t)nseq * NH) return;                   // the whole warp: no barrier follows
+    const size_t seq = head / NH;
+    const int h = head % NH;
+    const size_t block_floats = (size_t)S * U * 32;          // one (S, HS) matrix in lane-owned slots
+    float* qs = small_smem + warp * 3 * block_floats;
+    float* ks = qs + block_floats;
+    float* vs = ks + block_floats;
+    const size_t head_offset = head * S * HS;
+    small_load_head<HS>(qs, q + head_offset, HS, S);
+    small_load_head<HS>(ks, k + head_offset, HS, S);
+    small_load_head<HS>(vs, v + head_offset, HS, S);
+    const unsigned visible = visible_key_bits(key_mask + seq * S, S);
+
+    for (int i = 0; i < S; i++) {
+        const float* qi = qs + i * U * 32 + lane;            // this lane's dims of q_i, 32 floats apart
+        float score = -INFINITY;                             // lane j: s_ij
+        for (int j = 0; j <= i; j++) {
+            if (!((visible >> j) & 1u)) continue;            // the same branch in every lane
+            float dot = 0.0f;
+#pragma unroll
+            for (int u = 0; u < U; u++) dot += qi[u * 32] * ks[(j * U + u) * 32 + lane];
+            dot = warp_sum(dot) * scale;
+            if (lane == j) score = dot;
+        }
+        const float p = lane_softmax(score);
+        float o[U] = {};
+        for (int j = 0; j <= i; j++) {
+            const float pj = __shfl_sync(0xffffffffu, p, j);
+#pragma unroll
+            for (int u = 0; u < U; u++) o[u] += pj * vs[(j * U + u) * 32 + lane];
+        }
+        small_store_row<HS>(out + ((seq * S + i) * NH + h) * HS, o, 1, 1.0f);
+    }
+}
+
+// Backward. Per warp, shared memory holds q, k, v, dout of its head and the dk, dv accumulators: 6 (S, 32U) fp32
+// blocks. Per query i: s_ij and dp_ij = dO_i·v_j by warp sums (lane j keeps them), p = lane_softmax,
+// δ_i = Σ_j p_ij dp_ij (one more warp sum), ds_ij = p_ij (dp_ij - δ_i) / sqrt(HS); then for each visible j:
+// dv_j += p_ij dO_i, dk_j += ds_ij q_i, dq_i += ds_ij k_j. dq_i is written after its row, dk and dv at the end.
+template <int HS>
+__global__ void __launch_bounds__(kSmallMaxWarps * 32)
+small_attention_backward_kernel(floatX* dq, floatX* dk, floatX* dv, const floatX* dout, const floatX* q, const floatX* k,
+                                const floatX* v, const int* key_mask, int nseq, int S, int NH, float scale) {
+    constexpr int U = small_dims_per_lane(HS);
+    extern __shared__ float small_smem[];
+    const int warps = blockDim.x / 32, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const size_t head = (size_t)blockIdx.x * warps + warp;
+    if (head >= (size_t)nseq * NH) return;
+    const size_t seq = head / NH;
+    const int h = head % NH;
+    const size_t block_floats = (size_t)S * U * 32;
+    float* qs = small_smem + warp * 6 * block_floats;
+    float* ks = qs + block_floats;
+    float* vs = ks + block_floats;
+    float* dos = vs + block_floats;
+    float* dks = dos + block_floats;
+    float* dvs = dks + block_floats;                         // dks and dvs are contiguous: zeroed together
+    const size_t head_offset = head * S * HS;
+    small_load_head<HS>(qs, q + head_offset, HS, S);
+    small_load_head<HS>(ks, k + head_offset, HS, S);
+    small_load_head<HS>(vs, v + head_offset, HS, S);
+    small_load_head<HS>(dos, dout + (seq * S * NH + h) * HS, (size_t)NH * HS, S);   // row i at ((seq*S + i)*NH + h)*HS
+    for (size_t e = lane; e < 2 * block_floats; e += 32) dks[e] = 0.0f;             // slot e belongs to lane e % 32
+    const unsigned visible = visible_key_bits(key_mask + seq * S, S);
+
+    for (int i = 0; i < S; i++) {
+        const float* qi = qs + i * U * 32 + lane;
+        const float* doi = dos + i * U * 32 + lane;
+        float score = -INFINITY, dprob = 0.0f;               // lane j: s_ij, dp_ij
+        for (int j = 0; j <= i; j++) {
+            if (!((visible >> j) & 1u)) continue;
+            float qk = 0.0f, dov = 0.0f;
+#pragma unroll
+            for (int u = 0; u < U; u++) {
+                qk += qi[u * 32] * ks[(j * U + u) * 32 + lane];
+                dov += doi[u * 32] * vs[(j * U + u) * 32 + lane];
+            }
+            qk = warp_sum(qk) * scale;
+            dov = warp_sum(dov);
+            if (lane == j) { score = qk; dprob = dov; }
+        }
+        const float p = lane_softmax(score);
+        const float delta = warp_sum(p * dprob);            // lanes without a visible key: p = 0, dprob = 0
+        const float ds = p * (dprob - delta) * scale;        // gradient of q_i·k_j
+        float dqi[U] = {};
+        for (int j = 0; j <= i; j++) {
+            if (!((visible >> j) & 1u)) continue;
+            const float pj = __shfl_sync(0xffffffffu, p, j), dsj = __shfl_sync(0xffffffffu, ds, j);
+#pragma unroll
+            for (int u = 0; u < U; u++) {
+                const int slot = (j * U + u) * 32 + lane;
+                dvs[slot] += pj * doi[u * 32];
+                dks[slot] += dsj * qi[u * 32];
+                dqi[u] += dsj * ks[slot];
+            }
+        }
+        small_store_row<HS>(dq + head_offset + (size_t)i * HS, dqi, 1, 1.0f);
+    }
+    for (int j = 0; j < S; j++) {
+        small_store_row<HS>(dk + head_offset + (size_t)j * HS, dks + j * U * 32 + lane, 32, 1.0f);
+        small_store_row<HS>(dv + head_offset + (size_t)j * HS, dvs + j * U * 32 + lane, 32, 1.0f);
+    }
+}
+
+inline void check_small_attention_shape(const char* who, int nseq, int S, int NH) {
+    if (S < 1 || S > kSmallMaxS)
+        throw std::runtime_error(std::string(who) + ": sequence length " + std::to_string(S) + " outside 1.." +
+                                 std::to_string(kSmallMaxS) + " (use flash attention)");
+    if ((size_t)nseq * NH > 0x7fffffffull) throw std::runtime_error(std::string(who) + ": too many heads for one grid");
+}
+
+// Grid of the small kernels: one warp per head, as many warps per block as fit kSmallSmemPerBlock, each warp with
+// `matrices` fp32 (S, 32U) blocks of shared memory.
+struct SmallLaunch {
+    unsigned blocks;
+    int threads;
+    size_t smem;
+};
+inline SmallLaunch small_attention_launch(int matrices, int HS, int nseq, int S, int NH) {
+    const size_t per_warp = (size_t)matrices * S * small_dims_per_lane(HS) * 32 * sizeof(float);
+    const int warps = (int)std::max<size_t>(1, std::min<size_t>(kSmallMaxWarps, kSmallSmemPerBlock / per_warp));
+    const size_t heads = (size_t)nseq * NH;
+    return {(unsigned)((heads + warps - 1) / warps), warps * 32, warps * per_warp};
+}
+
+template <int HS>
+inline void small_attention_forward_launch(floatX* out, const floatX* q, const floatX* k, const floatX* v,
+                                           const int* key_mask, int nseq, int S, int NH, cudaStream_t stream) {
+    const SmallLaunch launch = small_attention_launch(3, HS, nseq, S, NH);
+    small_attention_forward_kernel<HS><<<launch.blocks, launch.threads, launch.smem, stream>>>(
+        out, q, k, v, key_mask, nseq, S, NH, 1.0f / std::sqrt((float)HS));
+    cudaCheckLaunch();
+}
+
+template <int HS>
+inline void small_attention_backward_launch(floatX* dq, floatX* dk, floatX* dv, const floatX* dout, const floatX* q,
+                                            const floatX* k, const floatX* v, const int* key_mask, int nseq, int S,
+                                            int NH, cudaStream_t stream) {
+    const SmallLaunch launch = small_attention_launch(6, HS, nseq, S, NH);
+    small_attention_backward_kernel<HS><<<launch.blocks, launch.threads, launch.smem, stream>>>(
+        dq, dk, dv, dout, q, k, v, key_mask, nseq, S, NH, 1.0f / std::sqrt((float)HS));
+    cudaCheckLaunch();
+}
+
+// q, k, v: (nseq, NH, S, HS), 1 <= S <= 16, HS in {16, 32, 64, 128}   key_mask: (nseq, S)   out: (nseq, S, NH*HS).
+inline void small_attention_forward(floatX* out, const floatX* q, const floatX* k, const floatX* v, const int* key_mask,
+                                    int nseq, int S, int NH, int HS, cudaStream_t stream) {
+    check_small_attention_shape("small_attention_forward", nseq, S, NH);
+    if ((size_t)nseq * NH == 0) return;
+    switch (HS) {
+        case 16: small_attention_forward_launch<16>(out, q, k, v, key_mask, nseq, S, NH, stream); break;
+        case 32: small_attention_forward_launch<32>(out, q, k, v, key_mask, nseq, S, NH, stream); break;
+        case 64: small_attention_forward_launch<64>(out, q, k, v, key_mask, nseq, S, NH, stream); break;
+        case 128: small_attention_forward_launch<128>(out, q, k, v, key_mask, nseq, S, NH, stream); break;
+        default: throw std::runtime_error("small_attention_forward: head size " + std::to_string(HS) + " not in {16, 32, 64, 128}");
+    }
+}
+
+// dout: (nseq, S, NH*HS) -> dq, dk, dv: (nseq, NH, S, HS), written. Recomputes the probabilities.
+inline void small_attention_backward(floatX* dq, floatX* dk, floatX* dv, const floatX* dout, const floatX* q, const floatX* k,
+                                     const floatX* v, const int* key_mask, int nseq, int S, int NH, int HS,
+                                     cudaStream_t stream) {
+    check_small_attention_shape("small_attention_backward", nseq, S, NH);
+    if ((size_t)nseq * NH == 0) return;
+    switch (HS) {
+        case 16: small_attention_backward_launch<16>(dq, dk, dv, dout, q, k, v, key_mask, nseq, S, NH, stream); break;
+        case 32: small_attention_backward_launch<32>(dq, dk, dv, dout, q, k, v, key_mask, nseq, S, NH, stream); break;
+        case 64: small_attention_backward_launch<64>(dq, dk, dv, dout, q, k, v, key_mask, nseq, S, NH, stream); break;
+        case 128: small_attention_backward_launch<128>(dq, dk, dv, dout, q, k, v, key_mask, nseq, S, NH, stream); break;
+        default: throw std::runtime_error("small_attention_backward: head size " + std::to_string(HS) + " not in {16, 32, 64, 128}");
+    }
+}
+
 // Scratch of one attention call; sized for the largest stack call (nseq*NH*S*S scores).
 struct AttentionScratch {
     DeviceBuffer<float> scores, dprobs;   // (nseq*NH, S, S) fp32
@@ -609,9 +853,16 @@ inline void attention_scores(Gpu& gpu, float* scores, const floatX* q, const flo
                    1.0f / std::sqrt((float)HS));
 }
 
+// Whether a stack's attention takes the small kernels (then it needs no AttentionScratch).
+inline bool uses_small_attention(int S, int HS) { return S <= kSmallMaxS && (HS == 16 || HS == 32 || HS == 64 || HS == 128); }
+
 // q, k, v: (nseq, NH, S, HS)   key_mask: (nseq, S)   out: (nseq, S, C) heads merged.
 inline void attention_forward(Gpu& gpu, floatX* out, const floatX* q, const floatX* k, const floatX* v, const int* key_mask,
                               AttentionScratch& scratch, int nseq, int S, int NH, int HS) {
+    if (uses_small_attention(S, HS)) {
+        small_attention_forward(out, q, k, v, key_mask, nseq, S, NH, HS, gpu.stream);
+        return;
+    }
     const int batch = nseq * NH;
     const long long head = (long long)S * HS, square = (long long)S * S;
     attention_scores(gpu, scratch.scores.data(), q, k, batch, S, HS);
@@ -630,6 +881,10 @@ inline void attention_forward(Gpu& gpu, floatX* out, const floatX* q, const floa
 inline void attention_backward(Gpu& gpu, floatX* dq, floatX* dk, floatX* dv, const floatX* dout, const floatX* q,
                                const floatX* k, const floatX* v, const int* key_mask, AttentionScratch& scratch, int nseq,
                                int S, int NH, int HS) {
+    if (uses_small_attention(S, HS)) {
+        small_attention_backward(dq, dk, dv, dout, q, k, v, key_mask, nseq, S, NH, HS, gpu.stream);
+        return;
+    }
     const int batch = nseq * NH;
     const long long head = (long long)S * HS, square = (long long)S * S;
     const size_t rows = (size_t)batch * S;
@@ -836,13 +1091,15 @@ public:
         ln_scratch_ = DeviceBuffer<floatX>(n * C);
         dfc_ = DeviceBuffer<floatX>(n * I);
         dgelu_ = DeviceBuffer<floatX>(n * I);
-        const size_t squares = (size_t)nseq * cfg_.NH * S * S;
-        attention_.scores = DeviceBuffer<float>(squares);
-        attention_.dprobs = DeviceBuffer<float>(squares);
-        attention_.probs = DeviceBuffer<floatX>(squares);
-        attention_.dscores = DeviceBuffer<floatX>(squares);
-        attention_.heads = DeviceBuffer<floatX>(n * C);
-        attention_.dheads = DeviceBuffer<floatX>(n * C);
+        if (!uses_small_attention(S, cfg_.HS())) {
+            const size_t squares = (size_t)nseq * cfg_.NH * S * S;
+            attention_.scores = DeviceBuffer<float>(squares);
+            attention_.dprobs = DeviceBuffer<float>(squares);
+            attention_.probs = DeviceBuffer<floatX>(squares);
+            attention_.dscores = DeviceBuffer<floatX>(squares);
+            attention_.heads = DeviceBuffer<floatX>(n * C);
+            attention_.dheads = DeviceBuffer<floatX>(n * C);
+        }
         std::vector<float> cos_table, sin_table;
         make_rope_tables(cos_table, sin_table, S, cfg_.rotary_dims());
         rope_cos_ = DeviceBuffer<float>(cos_table.size());

@@ -189,7 +189,10 @@ static void check_attention(int nseq, int S, int NH, int HS, uint32_t seed) {
 }
 
 GPU_TEST_CASE("gpu: RoPE + attention forward and backward, token-decoder, block-decoder and long shapes") {
-    check_attention(40, 5, 2, 16, 3);     // many tiny sequences (the token decoder: P+LB-1 = 5)
+    check_attention(40, 5, 2, 16, 3);     // many tiny sequences (the token decoder: P+LB-1 = 5): the small kernels
+    check_attention(70, 5, 3, 64, 6);     // the small kernels at the paper configs' head sizes, and their limit S = 16
+    check_attention(9, 16, 2, 128, 7);
+    check_attention(33, 9, 1, 32, 8);
     check_attention(3, 70, 2, 32, 4);     // rows longer than a warp, masked keys
     check_attention(1, 2048, 1, 64, 5);   // the longest sequence a Pythia config trains on
 }

@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# dev/attention/run.sh: on the GPU machine, builds dev/attention/test_attention.cu in FP32 and BF16 and runs both: every
+# check of the fused attention kernels (vs a double-precision reference, determinism, vs blocktf's cuBLAS attention),
+# then the benchmark against blocktf's attention (BF16 build; BENCH_FP32=1 times the FP32 build too), then
+# compute-sanitizer memcheck, racecheck and synccheck on the quick set of both builds (SANITIZE=0 skips them).
+#   bash dev/attention/run.sh          (from anywhere; full logs in $OUT/attention when OUT is set, else /tmp/attention)
+# Exit status 0 when everything built, passed and was sanitizer-clean.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+logs=${OUT:-/tmp}/attention
+mkdir -p build "$logs"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
+nvcc --version | tail -1
+
+status=0
+declare -A result sanitizer
+for precision in FP32 BF16; do
+    binary=build/test_attention_$precision
+    echo
+    echo "== $precision build"
+    if ! nvcc -std=c++17 -O2 -arch=sm_90 -I. -DBLOCKTF_PRECISION_$precision -Xcompiler -Wall,-Wextra \
+            dev/attention/test_attention.cu -o "$binary" -lcublas -lcublasLt >"$logs/build_$precision.log" 2>&1; then
+        tail -20 "$logs/build_$precision.log"
+        result[$precision]="build failed (see $logs/build_$precision.log)"
+        status=1
+        continue
+    fi
+    args=()
+    if [ "$precision" = FP32 ] && [ "${BENCH_FP32:-0}" != 1 ]; then args=(--no-bench); fi
+    "$binary" ${args[@]+"${args[@]}"} 2>&1 | tee "$logs/test_$precision.log"
+    [ "${PIPESTATUS[0]}" = 0 ] || status=1
+    result[$precision]=$(grep -E "^(ALL PASSED|FAILURES):|^FAIL  exception" "$logs/test_$precision.log" | tail -1)
+    [ -n "${result[$precision]}" ] || result[$precision]="no summary line (crashed? see $logs/test_$precision.log)"
+
+    if [ "${SANITIZE:-1}" = 1 ]; then
+        if ! command -v compute-sanitizer >/dev/null; then
+            sanitizer[$precision]="compute-sanitizer not found"
+            continue
+        fi
+        line=""
+        for tool in memcheck racecheck synccheck; do
+            log="$logs/sanitize_${tool}_$precision.log"
+            if compute-sanitizer --tool "$tool" --error-exitcode 1 "$binary" --quick >"$log" 2>&1; then
+                line="$line $tool clean;"
+            else
+                line="$line $tool FAILED (see $log);"
+                status=1
+                grep -E "=========" "$log" | head -20
+            fi
+        done
+        sanitizer[$precision]=$line
+    fi
+done
+
+echo
+echo "| build | checks | compute-sanitizer on the quick set |"
+echo "| --- | --- | --- |"
+for precision in FP32 BF16; do echo "| $precision | ${result[$precision]:-} | ${sanitizer[$precision]:-skipped} |"; done
+if [ -f "$logs/test_BF16.log" ] && grep -q "^| shape" "$logs/test_BF16.log"; then
+    echo
+    grep -E "^(\||Benchmark)" "$logs/test_BF16.log"
+fi
+echo
+echo "overall: $([ $status = 0 ] && echo PASS || echo FAIL)   (logs: $logs)"
+exit $status
