@@ -1916,23 +1916,27 @@ struct alignas(16) FloatXPack {
 // with key_mask[j] = 1 (key_mask: (nseq, capacity), or null: all visible); scores scaled by HS^-0.5, softmax in
 // fp32. q, out: (nseq, S_new, NH, HS) = (nseq, S_new, C) with the heads merged.
 // One thread block per (sequence, query, head); its kAttentionWarps warps take turns over chunks of 32 keys with an
-// online softmax each (a lane scores one key; for the weighted sum of values a lane owns HS/32 dimensions), and
-// the warps' partial results are merged at the end. A query that sees no key outputs 0, as the reference does.
+// online softmax each, and the warps' partial results are merged at the end. Within a chunk a lane scores one key
+// (its row read as 16-byte vectors); for the weighted sum of values the warp reads kRowsPerPass value rows at once,
+// kLanesPerRow lanes a row, each lane a 16-byte vector of it, and the row groups are summed by shuffles at the end.
+// A query that sees no key outputs 0, as the reference does.
 constexpr int kAttentionWarps = 8;
 
 template <int HS>
 __global__ void __launch_bounds__(kAttentionWarps * 32)
 attention_cached_kernel(floatX* out, const floatX* q, const floatX* k_cache, const floatX* v_cache, const int* key_mask,
                         const int* dyn_pos, int pos_offset, int S_new, int NH, int capacity, float scale) {
-    constexpr int kDimsPerLane = (HS + 31) / 32;
-    constexpr int kPack = 16 / sizeof(floatX);
-    static_assert(HS % kPack == 0, "a key row must be whole 16-byte vectors");
+    constexpr int kPack = 16 / sizeof(floatX);     // floatX values in a 16-byte vector
+    constexpr int kLanesPerRow = HS / kPack;       // lanes that hold one value row between them
+    constexpr int kRowsPerPass = 32 / kLanesPerRow;
+    static_assert(HS % kPack == 0 && 32 % kLanesPerRow == 0, "a row must be whole 16-byte vectors, a warp whole rows");
     __shared__ float q_s[HS];
     __shared__ float m_s[kAttentionWarps], l_s[kAttentionWarps], o_s[kAttentionWarps][HS];
     const size_t row = blockIdx.x;   // ((seq * S_new) + i) * NH + h
     const int h = row % NH, i = (row / NH) % S_new;
     const size_t seq = row / ((size_t)NH * S_new);
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int row_in_pass = lane / kLanesPerRow, part = lane % kLanesPerRow;   // value row and 16-byte part of it
     const int last = min((dyn_pos ? *dyn_pos : 0) + pos_offset + i, capacity - 1);   // newest visible position
     for (int d = threadIdx.x; d < HS; d += blockDim.x) q_s[d] = to_f32(q[row * HS + d]) * scale;
     __syncthreads();
@@ -1940,9 +1944,9 @@ attention_cached_kernel(floatX* out, const floatX* q, const floatX* k_cache, con
     const floatX* keys = k_cache + (seq * NH + h) * capacity * HS;
     const floatX* values = v_cache + (seq * NH + h) * capacity * HS;
     const int* mask = key_mask ? key_mask + seq * capacity : nullptr;
-    float m = -INFINITY, l = 0.0f, o[kDimsPerLane];
+    float m = -INFINITY, l = 0.0f, o[kPack];   // o: dims part*kPack.. of this lane's rows' weighted sum
 #pragma unroll
-    for (int t = 0; t < kDimsPerLane; t++) o[t] = 0.0f;
+    for (int e = 0; e < kPack; e++) o[e] = 0.0f;
     for (int base = warp * 32; base <= last; base += kAttentionWarps * 32) {
         const int j = base + lane;
         const bool visible = j <= last && (mask == nullptr || mask[j] != 0);
@@ -1965,32 +1969,32 @@ attention_cached_kernel(floatX* out, const floatX* q, const floatX* k_cache, con
         const float p = visible ? expf(score - m_new) : 0.0f;
         l = l * correction + warp_sum(p);
 #pragma unroll
-        for (int t = 0; t < kDimsPerLane; t++) o[t] *= correction;
-        // Unrolled without an early exit, so several value rows are loaded at once; an invisible key (p = 0, the
-        // same in every lane) is never read.
-#pragma unroll 8
-        for (int jj = 0; jj < 32; jj++) {
+        for (int e = 0; e < kPack; e++) o[e] *= correction;
+        // kRowsPerPass rows per pass, unrolled so several loads are in flight; an invisible key (p = 0) is never read.
+#pragma unroll
+        for (int first = 0; first < 32; first += kRowsPerPass) {
+            const int jj = first + row_in_pass;
             const float pj = __shfl_sync(0xffffffff, p, jj);
             if (pj != 0.0f) {
-                const floatX* v = values + (size_t)(base + jj) * HS;
+                const FloatXPack packed = reinterpret_cast<const FloatXPack*>(values + (size_t)(base + jj) * HS)[part];
 #pragma unroll
-                for (int t = 0; t < kDimsPerLane; t++) {
-                    const int d = lane + 32 * t;
-                    if (d < HS) o[t] += pj * to_f32(v[d]);
-                }
+                for (int e = 0; e < kPack; e++) o[e] += pj * to_f32(packed.x[e]);
             }
         }
         m = m_new;
     }
+    // sum the row groups: afterwards every lane holds the warp's total for dims part*kPack..
+#pragma unroll
+    for (int offset = kLanesPerRow; offset < 32; offset *= 2)
+#pragma unroll
+        for (int e = 0; e < kPack; e++) o[e] += __shfl_xor_sync(0xffffffff, o[e], offset);
     if (lane == 0) {
         m_s[warp] = m;
         l_s[warp] = l;
     }
+    if (row_in_pass == 0)
 #pragma unroll
-    for (int t = 0; t < kDimsPerLane; t++) {
-        const int d = lane + 32 * t;
-        if (d < HS) o_s[warp][d] = o[t];
-    }
+        for (int e = 0; e < kPack; e++) o_s[warp][part * kPack + e] = o[e];
     __syncthreads();
     for (int d = threadIdx.x; d < HS; d += blockDim.x) {
         float m_all = -INFINITY;

@@ -197,6 +197,67 @@ GPU_TEST_CASE("gpu: RoPE + attention forward and backward, token-decoder, block-
     check_attention(1, 2048, 1, 64, 5);   // the longest sequence a Pythia config trains on
 }
 
+// Cached attention (generation): S_new queries at cache positions p0.. over a (nseq, NH, capacity, HS) cache, against
+// plain loops in double. Key masks with leading padding (left-padded prompts) and one sequence whose queries see no
+// key; capacities past 256 keys, so every warp of the kernel takes more than one chunk.
+static void check_cached_attention(int nseq, int S_new, int NH, int HS, int capacity, int p0, uint32_t seed) {
+    CAPTURE(nseq); CAPTURE(S_new); CAPTURE(NH); CAPTURE(HS); CAPTURE(capacity); CAPTURE(p0);
+    std::mt19937 rng(seed);
+    const size_t C = (size_t)NH * HS, cache = (size_t)nseq * NH * capacity * HS;
+    TestTensor q = random_tensor(nseq * S_new * C, rng, 0.0f, 2.0f);
+    TestTensor k = random_tensor(cache, rng), v = random_tensor(cache, rng);
+    std::vector<int> key_mask((size_t)nseq * capacity);
+    for (int seq = 0; seq < nseq; seq++)
+        for (int j = 0; j < capacity; j++)
+            key_mask[(size_t)seq * capacity + j] = seq == 1 ? 0 : j >= 3 * seq && rng() % 7 != 0;   // seq 1 sees nothing
+    DeviceBuffer<int> key_mask_device(key_mask.size());
+    key_mask_device.upload(key_mask.data(), key_mask.size());
+    auto out = poisoned<floatX>(nseq * S_new * C);
+    DeviceBuffer<int> dyn_pos(1);
+    const int start = p0 / 2;   // the position comes from the device counter plus the offset, as in a decode graph
+    dyn_pos.upload(&start, 1);
+    attention_cached(out.data(), q.device.data(), k.device.data(), v.device.data(), key_mask_device.data(), dyn_pos.data(),
+                     p0 - start, nseq, S_new, NH, HS, capacity, 0);
+    cudaCheck(cudaDeviceSynchronize());
+
+    std::vector<float> ref(nseq * S_new * C, 0.0f);
+    const double scale = 1.0 / std::sqrt((double)HS);
+    for (int seq = 0; seq < nseq; seq++)
+        for (int i = 0; i < S_new; i++)
+            for (int h = 0; h < NH; h++) {
+                const float* qi = q.host.data() + ((size_t)seq * S_new + i) * C + (size_t)h * HS;
+                const size_t head = ((size_t)seq * NH + h) * capacity * HS;
+                std::vector<double> score;
+                std::vector<int> keys;
+                for (int j = 0; j <= p0 + i && j < capacity; j++) {
+                    if (!key_mask[(size_t)seq * capacity + j]) continue;
+                    double dot = 0.0;
+                    for (int d = 0; d < HS; d++) dot += (double)qi[d] * k.host[head + (size_t)j * HS + d];
+                    score.push_back(dot * scale);
+                    keys.push_back(j);
+                }
+                if (keys.empty()) continue;   // a query that sees no key outputs 0
+                const double max = *std::max_element(score.begin(), score.end());
+                double sum = 0.0;
+                for (double& z : score) sum += (z = std::exp(z - max));
+                float* o = ref.data() + ((size_t)seq * S_new + i) * C + (size_t)h * HS;
+                for (int d = 0; d < HS; d++) {
+                    double acc = 0.0;
+                    for (size_t t = 0; t < keys.size(); t++) acc += score[t] / sum * v.host[head + (size_t)keys[t] * HS + d];
+                    o[d] = (float)acc;
+                }
+            }
+    CHECK_CLOSE(download(out.data(), nseq * S_new * C), ref, ref.size(), kKernelTolerance);
+}
+
+GPU_TEST_CASE("gpu: cached attention (generation) at every supported head size, decode and prefill") {
+    for (int HS : {16, 32, 64, 128}) {
+        check_cached_attention(3, 1, 2, HS, 300, 290, 11);   // a decode step late in a long cache
+        check_cached_attention(3, 5, 3, HS, 40, 0, 12);      // a prefill from position 0
+        check_cached_attention(4, 3, 1, HS, 600, 517, 13);   // keys past 512: warps take three chunks
+    }
+}
+
 GPU_TEST_CASE("gpu: GELU forward and backward") {
     std::mt19937 rng(6);
     const size_t n = 1000;
