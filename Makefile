@@ -46,7 +46,7 @@ TRAIN_TEXT := $(TEXT_DIR)/tinyshakespeare.txt $(TEXT_DIR)/enwik8-first100.txt \
               $(filter-out $(VAL_TEXT),$(sort $(wildcard $(TEXT_DIR)/gutenberg/*.txt)))
 TOKENIZER  := $(DATA_DIR)/tokenizer/pythia-tokenizer.json
 # A second `make train` continues the run in out/CONFIG (after Ctrl-C, say) instead of starting over.
-# STEPS sets the length (300 updates: about 35 s for the block default on an H200, 80 s for vanilla_31); the
+# STEPS sets the length (300 updates: about 30 s for the block default on an H200, 80 s for vanilla_31); the
 # 10-minute runs of README.md's loss curves set STEPS, VAL_INTERVAL, CHECKPOINT_INTERVAL and OUT_DIR.
 STEPS               ?= 300
 VAL_INTERVAL        ?= 25
