@@ -644,7 +644,7 @@ void check_scoring(const char* name) {
     REQUIRE(gpu_logits.size() == reference_logits.size());
     const double logits_error = relative_error(gpu_logits.data(), reference_logits.data(), gpu_logits.size());
     const double loss_error = relative_error(scores.loss.data(), reference_losses.data(), reference_losses.size());
-    MESSAGE(name << " scoring: logits relative error " << logits_error << ", per-token loss relative error " << loss_error);
+    MESSAGE(std::string(name) << " scoring: logits relative error " << logits_error << ", per-token loss relative error " << loss_error);
     CHECK(logits_error < kTolerance);
     CHECK(loss_error < kTolerance);
 }
