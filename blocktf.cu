@@ -545,6 +545,16 @@ inline void make_rope_tables(std::vector<float>& cos_table, std::vector<float>& 
         }
 }
 
+// The tables of make_rope_tables on the device: cos, sin (S, rot/2) fp32.
+inline void upload_rope_tables(DeviceBuffer<float>& cos, DeviceBuffer<float>& sin, int S, int rot) {
+    std::vector<float> cos_table, sin_table;
+    make_rope_tables(cos_table, sin_table, S, rot);
+    cos = DeviceBuffer<float>(cos_table.size());
+    sin = DeviceBuffer<float>(sin_table.size());
+    cos.upload(cos_table.data(), cos_table.size());
+    sin.upload(sin_table.data(), sin_table.size());
+}
+
 // Head merge: (nseq, NH, S, HS) -> (nseq, S, NH*HS), and the split for the backward pass (to_heads = true).
 __global__ void permute_heads_kernel(floatX* out, const floatX* inp, int nseq, int S, int NH, int HS, bool to_heads) {
     const size_t n = (size_t)nseq * S * NH * HS;
@@ -844,6 +854,11 @@ struct AttentionScratch {
     DeviceBuffer<float> scores, dprobs;   // (nseq*NH, S, S) fp32
     DeviceBuffer<floatX> probs, dscores;  // (nseq*NH, S, S)
     DeviceBuffer<floatX> heads, dheads;   // (nseq, NH, S, HS): output before the head merge, its gradient
+
+    AttentionScratch() = default;
+    AttentionScratch(size_t nseq, int NH, int S, int HS)
+        : scores(nseq * NH * S * S), dprobs(nseq * NH * S * S), probs(nseq * NH * S * S), dscores(nseq * NH * S * S),
+          heads(nseq * NH * S * HS), dheads(nseq * NH * S * HS) {}
 };
 
 // scores (col-major per batch: M[j, i] = k_j · q_i, i.e. row-major scores[i][j]) = scale · op_T(K^T) · Q^T.
@@ -1091,21 +1106,8 @@ public:
         ln_scratch_ = DeviceBuffer<floatX>(n * C);
         dfc_ = DeviceBuffer<floatX>(n * I);
         dgelu_ = DeviceBuffer<floatX>(n * I);
-        if (!uses_small_attention(S, cfg_.HS())) {
-            const size_t squares = (size_t)nseq * cfg_.NH * S * S;
-            attention_.scores = DeviceBuffer<float>(squares);
-            attention_.dprobs = DeviceBuffer<float>(squares);
-            attention_.probs = DeviceBuffer<floatX>(squares);
-            attention_.dscores = DeviceBuffer<floatX>(squares);
-            attention_.heads = DeviceBuffer<floatX>(n * C);
-            attention_.dheads = DeviceBuffer<floatX>(n * C);
-        }
-        std::vector<float> cos_table, sin_table;
-        make_rope_tables(cos_table, sin_table, S, cfg_.rotary_dims());
-        rope_cos_ = DeviceBuffer<float>(cos_table.size());
-        rope_sin_ = DeviceBuffer<float>(sin_table.size());
-        rope_cos_.upload(cos_table.data(), cos_table.size());
-        rope_sin_.upload(sin_table.data(), sin_table.size());
+        if (!uses_small_attention(S, cfg_.HS())) attention_ = AttentionScratch(nseq, cfg_.NH, S, cfg_.HS());
+        upload_rope_tables(rope_cos_, rope_sin_, S, cfg_.rotary_dims());
     }
 
     const floatX* out() const { return out_.data(); }   // (n, C) after the final LayerNorm
@@ -2064,12 +2066,7 @@ public:
         out_ = DeviceBuffer<floatX>(n * C);
         mean_ = DeviceBuffer<float>(n);
         rstd_ = DeviceBuffer<float>(n);
-        std::vector<float> cos_table, sin_table;
-        make_rope_tables(cos_table, sin_table, capacity, cfg_.rotary_dims());
-        rope_cos_ = DeviceBuffer<float>(cos_table.size());
-        rope_sin_ = DeviceBuffer<float>(sin_table.size());
-        rope_cos_.upload(cos_table.data(), cos_table.size());
-        rope_sin_.upload(sin_table.data(), sin_table.size());
+        upload_rope_tables(rope_cos_, rope_sin_, capacity, cfg_.rotary_dims());
     }
 
     const floatX* out() const { return out_.data(); }   // (nseq, S_new, C) of the last forward, after the final LayerNorm

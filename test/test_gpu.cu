@@ -153,24 +153,19 @@ static void check_attention(int nseq, int S, int NH, int HS, uint32_t seed) {
     for (int& m : key_mask) m = rng() % 5 != 0;   // ~20% masked keys, including some first keys
     DeviceBuffer<int> key_mask_device(n);
     key_mask_device.upload(key_mask.data(), n);
-    std::vector<float> cos_table, sin_table;
-    make_rope_tables(cos_table, sin_table, S, rot);
-    DeviceBuffer<float> cos_device(cos_table.size()), sin_device(sin_table.size());
-    cos_device.upload(cos_table.data(), cos_table.size());
-    sin_device.upload(sin_table.data(), sin_table.size());
+    DeviceBuffer<float> cos_device, sin_device;
+    upload_rope_tables(cos_device, sin_device, S, rot);
 
     auto q = poisoned<floatX>(n * C), k = poisoned<floatX>(n * C), v = poisoned<floatX>(n * C), out = poisoned<floatX>(n * C);
-    AttentionScratch scratch;
-    const size_t squares = (size_t)nseq * NH * S * S;
-    scratch.scores = poisoned<float>(squares); scratch.dprobs = poisoned<float>(squares);
-    scratch.probs = poisoned<floatX>(squares); scratch.dscores = poisoned<floatX>(squares);
-    scratch.heads = poisoned<floatX>(n * C); scratch.dheads = poisoned<floatX>(n * C);
+    AttentionScratch scratch(nseq, NH, S, HS);
+    poison(scratch.scores); poison(scratch.dprobs); poison(scratch.probs); poison(scratch.dscores);
+    poison(scratch.heads); poison(scratch.dheads);
     rope_split_heads_kernel<<<grid_for(n * C, 256), 256>>>(q.data(), k.data(), v.data(), qkv.device.data(), cos_device.data(),
                                                            sin_device.data(), nseq, S, NH, HS, rot);
     cudaCheckLaunch();
     attention_forward(gpu, out.data(), q.data(), k.data(), v.data(), key_mask_device.data(), scratch, nseq, S, NH, HS);
 
-    std::vector<float> qkv_ref = qkv.host, out_ref(n * C), probs_ref(squares);
+    std::vector<float> qkv_ref = qkv.host, out_ref(n * C), probs_ref((size_t)nseq * NH * S * S);
     ref::rope_forward(qkv_ref.data(), nseq, S, NH, HS, rot);
     ref::attention_forward(out_ref.data(), probs_ref.data(), qkv_ref.data(), key_mask.data(), nseq, S, NH, HS);
     CHECK_CLOSE(download(out.data(), n * C), out_ref, n * C, kKernelTolerance);

@@ -332,14 +332,7 @@ void check_against_blocktf(Kind kind, const Shape& s, uint32_t seed) {
     DeviceInputs device;
     make_inputs(s, seed, host, device);
     const Reference ref = reference_attention(s, host);
-    const size_t squares = (size_t)s.nseq * s.NH * s.S * s.S;
-    AttentionScratch scratch;
-    scratch.scores = DeviceBuffer<float>(squares);
-    scratch.dprobs = DeviceBuffer<float>(squares);
-    scratch.probs = DeviceBuffer<floatX>(squares);
-    scratch.dscores = DeviceBuffer<floatX>(squares);
-    scratch.heads = DeviceBuffer<floatX>(s.elements());
-    scratch.dheads = DeviceBuffer<floatX>(s.elements());
+    AttentionScratch scratch(s.nseq, s.NH, s.S, s.HS);
     DeviceBuffer<floatX> out(s.elements()), dq(s.elements()), dk(s.elements()), dv(s.elements());
     poison(out);
     attention_forward(gpu, out.data(), device.q.data(), device.k.data(), device.v.data(), device.key_mask.data(), scratch,
@@ -560,14 +553,7 @@ void benchmark(const char* device_name) {
         in.key_mask = DeviceBuffer<int>(mask.size());
         in.key_mask.upload(mask.data(), mask.size());
         Outputs fused(s);
-        const size_t squares = (size_t)s.nseq * s.NH * s.S * s.S;
-        AttentionScratch scratch;
-        scratch.scores = DeviceBuffer<float>(squares);
-        scratch.dprobs = DeviceBuffer<float>(squares);
-        scratch.probs = DeviceBuffer<floatX>(squares);
-        scratch.dscores = DeviceBuffer<floatX>(squares);
-        scratch.heads = DeviceBuffer<floatX>(s.elements());
-        scratch.dheads = DeviceBuffer<floatX>(s.elements());
+        AttentionScratch scratch(s.nseq, s.NH, s.S, s.HS);
         DeviceBuffer<floatX> out(s.elements()), dq(s.elements()), dk(s.elements()), dv(s.elements());
 
         const double blocktf_forward_ms = median_ms([&] {
