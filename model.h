@@ -87,6 +87,9 @@ inline void validate_config(const ModelConfig& c) {
         std::string w = which;
         if (s.L <= 0 || s.C <= 0 || s.NH <= 0 || s.I <= 0) fail(w + ": layers, width, heads and MLP width must be > 0");
         if (s.C % s.NH != 0) fail(w + ": width " + std::to_string(s.C) + " is not divisible by " + std::to_string(s.NH) + " heads");
+        if (s.C % 8 != 0 || s.I % 8 != 0 || s.HS() % 8 != 0)
+            fail(w + ": width " + std::to_string(s.C) + ", MLP width " + std::to_string(s.I) + " and head size " + std::to_string(s.HS()) +
+                 " must be multiples of 8 (the GPU reads rows as 16-byte vectors)");
         if (s.rotary_dims() < 2 || s.rotary_dims() % 2 != 0) fail(w + ": head size " + std::to_string(s.HS()) + " gives an odd or empty rotary slice (HS/4)");
     };
     if (c.V <= 0 || c.V > 65536) fail("vocab rows must be in 1..65536 (token ids are stored as uint16)");

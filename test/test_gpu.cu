@@ -71,11 +71,11 @@ static std::vector<float> download(const T* device, size_t n) {
 template <typename T>
 static DeviceBuffer<T> poisoned(size_t n) {
     DeviceBuffer<T> buffer(n);
-    cudaCheck(cudaMemset(buffer.data(), 0xFF, n * sizeof(T)));
+    if (n > 0) cudaCheck(cudaMemset(buffer.data(), 0xFF, n * sizeof(T)));
     return buffer;
 }
-template <typename T>
-static void poison(DeviceBuffer<T>& buffer) { cudaCheck(cudaMemset(buffer.data(), 0xFF, buffer.size() * sizeof(T))); }
+template <typename T>   // an empty buffer (a scratch the call's path does not use) stays empty
+static void poison(DeviceBuffer<T>& buffer) { if (buffer.size() > 0) cudaCheck(cudaMemset(buffer.data(), 0xFF, buffer.size() * sizeof(T))); }
 
 // Checks and reports (a MESSAGE, shown by gpu_check.sh) the norm-wise relative error of out against ref.
 #define CHECK_CLOSE(out, ref, n, tolerance)                                                                \
@@ -87,6 +87,33 @@ static void poison(DeviceBuffer<T>& buffer) { cudaCheck(cudaMemset(buffer.data()
 
 // ----------------------------------------------------------------------------------------------------------------
 // Kernels, one by one.
+
+// LayerNorm forward with both outputs of a parallel-residual layer (LN1 and LN2 of the same x) at widths that take
+// 1, 3 and 8 (bf16; fp32: 1, 6 and 16) 16-byte packs per lane, against the reference run once per weight set.
+static void check_layernorm_forward_pair(int N, int C, uint32_t seed) {
+    CAPTURE(N); CAPTURE(C);
+    std::mt19937 rng(seed);
+    TestTensor x = random_tensor(N * C, rng, 0.5f, 2.0f);
+    TestTensor w1 = random_tensor(C, rng, 1.0f, 0.1f), b1 = random_tensor(C, rng, 0.0f, 0.1f);
+    TestTensor w2 = random_tensor(C, rng, 1.0f, 0.3f), b2 = random_tensor(C, rng, 0.5f, 0.1f);
+    auto out1 = poisoned<floatX>(N * C), out2 = poisoned<floatX>(N * C);
+    auto mean = poisoned<float>(N), rstd = poisoned<float>(N);
+    layernorm_forward({out1.data(), w1.device.data(), b1.device.data()}, {out2.data(), w2.device.data(), b2.device.data()},
+                      mean.data(), rstd.data(), x.device.data(), N, C, 0);
+    std::vector<float> out1_ref(N * C), out2_ref(N * C), mean_ref(N), rstd_ref(N);
+    ref::layernorm_forward(out1_ref.data(), mean_ref.data(), rstd_ref.data(), x.host.data(), w1.host.data(), b1.host.data(), N, C);
+    ref::layernorm_forward(out2_ref.data(), mean_ref.data(), rstd_ref.data(), x.host.data(), w2.host.data(), b2.host.data(), N, C);
+    CHECK_CLOSE(download(out1.data(), N * C), out1_ref, N * C, kKernelTolerance);
+    CHECK_CLOSE(download(out2.data(), N * C), out2_ref, N * C, kKernelTolerance);
+    CHECK_CLOSE(download(mean.data(), N), mean_ref, N, 1e-5);
+    CHECK_CLOSE(download(rstd.data(), N), rstd_ref, N, 1e-5);
+}
+
+GPU_TEST_CASE("gpu: layernorm forward, two outputs from one pass, several widths") {
+    check_layernorm_forward_pair(13, 48, 21);
+    check_layernorm_forward_pair(37, 768, 22);
+    check_layernorm_forward_pair(5, 2048, 23);
+}
 
 GPU_TEST_CASE("gpu: layernorm forward and backward") {
     Gpu gpu;
@@ -159,11 +186,12 @@ static void check_attention(int nseq, int S, int NH, int HS, uint32_t seed) {
     auto q = poisoned<floatX>(n * C), k = poisoned<floatX>(n * C), v = poisoned<floatX>(n * C), out = poisoned<floatX>(n * C);
     AttentionScratch scratch(nseq, NH, S, HS);
     poison(scratch.scores); poison(scratch.dprobs); poison(scratch.probs); poison(scratch.dscores);
-    poison(scratch.heads); poison(scratch.dheads);
+    poison(scratch.heads); poison(scratch.dheads); poison(scratch.delta);
+    auto lse = poisoned<float>(attention_lse_size(nseq, NH, S, HS));
     rope_split_heads_kernel<<<grid_for(n * C, 256), 256>>>(q.data(), k.data(), v.data(), qkv.device.data(), cos_device.data(),
                                                            sin_device.data(), nseq, S, NH, HS, rot);
     cudaCheckLaunch();
-    attention_forward(gpu, out.data(), q.data(), k.data(), v.data(), key_mask_device.data(), scratch, nseq, S, NH, HS);
+    attention_forward(gpu, out.data(), lse.data(), q.data(), k.data(), v.data(), key_mask_device.data(), scratch, nseq, S, NH, HS);
 
     std::vector<float> qkv_ref = qkv.host, out_ref(n * C), probs_ref((size_t)nseq * NH * S * S);
     ref::rope_forward(qkv_ref.data(), nseq, S, NH, HS, rot);
@@ -172,8 +200,8 @@ static void check_attention(int nseq, int S, int NH, int HS, uint32_t seed) {
 
     TestTensor dout = random_tensor(n * C, rng);
     auto dq = poisoned<floatX>(n * C), dk = poisoned<floatX>(n * C), dv = poisoned<floatX>(n * C), dqkv = poisoned<floatX>(n * 3 * C);
-    attention_backward(gpu, dq.data(), dk.data(), dv.data(), dout.device.data(), q.data(), k.data(), v.data(),
-                       key_mask_device.data(), scratch, nseq, S, NH, HS);
+    attention_backward(gpu, dq.data(), dk.data(), dv.data(), dout.device.data(), out.data(), lse.data(), q.data(), k.data(),
+                       v.data(), key_mask_device.data(), scratch, nseq, S, NH, HS);
     rope_merge_heads_backward_kernel<<<grid_for(n * C, 256), 256>>>(dqkv.data(), dq.data(), dk.data(), dv.data(), cos_device.data(),
                                                                     sin_device.data(), nseq, S, NH, HS, rot);
     cudaCheckLaunch();
@@ -188,15 +216,19 @@ GPU_TEST_CASE("gpu: RoPE + attention forward and backward, token-decoder, block-
     check_attention(70, 5, 3, 64, 6);     // the small kernels at the paper configs' head sizes, and their limit S = 16
     check_attention(9, 16, 2, 128, 7);
     check_attention(33, 9, 1, 32, 8);
-    check_attention(3, 70, 2, 32, 4);     // rows longer than a warp, masked keys
+    check_attention(3, 70, 2, 32, 4);     // rows longer than a warp, masked keys (BF16: flash attention from here on)
+    check_attention(2, 511, 3, 128, 9);   // the block decoder's 511 blocks at head size 128 (block_main_b4_300 and up)
     check_attention(1, 2048, 1, 64, 5);   // the longest sequence a Pythia config trains on
 }
 
 // Cached attention (generation): S_new queries at cache positions p0.. over a (nseq, NH, capacity, HS) cache, against
 // plain loops in double. Key masks with leading padding (left-padded prompts) and one sequence whose queries see no
-// key; capacities past 256 keys, so every warp of the kernel takes more than one chunk.
-static void check_cached_attention(int nseq, int S_new, int NH, int HS, int capacity, int p0, uint32_t seed) {
-    CAPTURE(nseq); CAPTURE(S_new); CAPTURE(NH); CAPTURE(HS); CAPTURE(capacity); CAPTURE(p0);
+// key; capacities past 256 keys, so every warp of the kernel takes more than one chunk, and short caches (up to
+// kShortCache positions), which get one warp per query row.
+enum class Position { Device, Host };   // p0 from a device counter (a decode graph) or from the host (a prefill)
+static void check_cached_attention(int nseq, int S_new, int NH, int HS, int capacity, int p0, uint32_t seed,
+                                   Position position = Position::Device) {
+    CAPTURE(nseq); CAPTURE(S_new); CAPTURE(NH); CAPTURE(HS); CAPTURE(capacity); CAPTURE(p0); CAPTURE(position == Position::Host);
     std::mt19937 rng(seed);
     const size_t C = (size_t)NH * HS, cache = (size_t)nseq * NH * capacity * HS;
     TestTensor q = random_tensor(nseq * S_new * C, rng, 0.0f, 2.0f);
@@ -209,10 +241,10 @@ static void check_cached_attention(int nseq, int S_new, int NH, int HS, int capa
     key_mask_device.upload(key_mask.data(), key_mask.size());
     auto out = poisoned<floatX>(nseq * S_new * C);
     DeviceBuffer<int> dyn_pos(1);
-    const int start = p0 / 2;   // the position comes from the device counter plus the offset, as in a decode graph
+    const int start = position == Position::Device ? p0 / 2 : 0;   // a decode graph: device counter plus offset
     dyn_pos.upload(&start, 1);
-    attention_cached(out.data(), q.device.data(), k.device.data(), v.device.data(), key_mask_device.data(), dyn_pos.data(),
-                     p0 - start, nseq, S_new, NH, HS, capacity, 0);
+    attention_over_cache(out.data(), q.device.data(), k.device.data(), v.device.data(), key_mask_device.data(),
+                         position == Position::Device ? dyn_pos.data() : nullptr, p0 - start, nseq, S_new, NH, HS, capacity, 0);
     cudaCheck(cudaDeviceSynchronize());
 
     std::vector<float> ref(nseq * S_new * C, 0.0f);
@@ -245,11 +277,16 @@ static void check_cached_attention(int nseq, int S_new, int NH, int HS, int capa
     CHECK_CLOSE(download(out.data(), nseq * S_new * C), ref, ref.size(), kKernelTolerance);
 }
 
-GPU_TEST_CASE("gpu: cached attention (generation) at every supported head size, decode and prefill") {
+GPU_TEST_CASE("gpu: cached attention (generation) at every supported head size, decode and prefill (flash in BF16)") {
     for (int HS : {16, 32, 64, 128}) {
         check_cached_attention(3, 1, 2, HS, 300, 290, 11);   // a decode step late in a long cache
         check_cached_attention(3, 5, 3, HS, 40, 0, 12);      // a prefill from position 0
         check_cached_attention(4, 3, 1, HS, 600, 517, 13);   // keys past 512: warps take three chunks
+        check_cached_attention(5, 2, 2, HS, 64, 61, 14);     // the longest cache that gets one warp per row: two chunks
+        check_cached_attention(6, 5, 2, HS, 5, 0, 15);       // the token decoder's whole cache (P + LB - 1 = 5)
+        // prefills longer than 16 positions at a host position: flash attention in the BF16 build (HS >= 32)
+        check_cached_attention(3, 100, 2, HS, 300, 37, 16, Position::Host);
+        check_cached_attention(2, 200, 2, HS, 200, 0, 17, Position::Host);
     }
 }
 
