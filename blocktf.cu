@@ -195,7 +195,7 @@ inline void upload_as_floatX(floatX* out, const std::vector<float>& host) {
     }
 }
 
-// Elementwise kernels that run every decode step read and write 16-byte packs: n must be a multiple of kPack
+// The elementwise kernels of every layer read and write 16-byte packs: n must be a multiple of kPack
 // (every caller's n is rows x a width, and validate_config keeps widths multiples of 8).
 inline size_t packs_of(size_t n, const char* who) {
     if (n % kPack != 0) throw std::runtime_error(std::string(who) + ": " + std::to_string(n) + " elements, not a multiple of " + std::to_string(kPack));
@@ -212,12 +212,18 @@ __global__ void gelu_forward_kernel(FloatXPack* out, const FloatXPack* inp, size
         out[i] = x;
     }
 }
-__global__ void gelu_backward_kernel(floatX* dinp, const floatX* dout, const floatX* inp, size_t n) {
-    GRID_STRIDE_LOOP(i, n) {
-        float z = to_f32(inp[i]);
-        float cdf = 0.5f * (1.0f + erff(z * (float)M_SQRT1_2));
-        float pdf = expf(-0.5f * z * z) * (float)(0.5 * M_2_SQRTPI * M_SQRT1_2);   // 1/√(2π)
-        dinp[i] = to_floatX(to_f32(dout[i]) * (cdf + z * pdf));
+__global__ void gelu_backward_kernel(FloatXPack* dinp, const FloatXPack* dout, const FloatXPack* inp, size_t packs) {
+    GRID_STRIDE_LOOP(i, packs) {
+        const FloatXPack z = inp[i], g = dout[i];
+        FloatXPack d;
+#pragma unroll
+        for (int e = 0; e < kPack; e++) {
+            const float x = to_f32(z.x[e]);
+            const float cdf = 0.5f * (1.0f + erff(x * (float)M_SQRT1_2));
+            const float pdf = expf(-0.5f * x * x) * (float)(0.5 * M_2_SQRTPI * M_SQRT1_2);   // 1/√(2π)
+            d.x[e] = to_floatX(to_f32(g.x[e]) * (cdf + x * pdf));
+        }
+        dinp[i] = d;
     }
 }
 inline void gelu_forward(floatX* out, const floatX* inp, size_t n, cudaStream_t stream) {
@@ -227,7 +233,9 @@ inline void gelu_forward(floatX* out, const floatX* inp, size_t n, cudaStream_t 
     cudaCheckLaunch();
 }
 inline void gelu_backward(floatX* dinp, const floatX* dout, const floatX* inp, size_t n, cudaStream_t stream) {
-    gelu_backward_kernel<<<grid_for(n, 256), 256, 0, stream>>>(dinp, dout, inp, n);
+    const size_t packs = packs_of(n, "gelu_backward");
+    gelu_backward_kernel<<<grid_for(packs, 256), 256, 0, stream>>>(reinterpret_cast<FloatXPack*>(dinp), reinterpret_cast<const FloatXPack*>(dout),
+                                                                     reinterpret_cast<const FloatXPack*>(inp), packs);
     cudaCheckLaunch();
 }
 
@@ -580,21 +588,31 @@ __device__ inline float rope_element(const floatX* u, int d, int rot, const floa
     return low ? x * cos_row[m] - direction * partner * sin_row[m] : x * cos_row[m] + direction * partner * sin_row[m];
 }
 
-// One thread per element of q (and the same element of k and v).
+// One thread per 16-byte pack of q (and the same pack of k and v); a rotated element reads its partner from the same
+// head row (rope_element). HS is a multiple of kPack (validate_config).
 __global__ void rope_split_heads_kernel(floatX* q, floatX* k, floatX* v, const floatX* qkv, const float* cos_table,
                                         const float* sin_table, int nseq, int S, int NH, int HS, int rot) {
-    const size_t n = (size_t)nseq * S * NH * HS;
+    const int packs_per_head = HS / kPack;
+    const size_t packs = (size_t)nseq * S * NH * packs_per_head;
     const int half = rot / 2;
-    GRID_STRIDE_LOOP(i, n) {
-        const int d = i % HS, h = (i / HS) % NH, s = (i / ((size_t)HS * NH)) % S;
-        const size_t seq = i / ((size_t)HS * NH * S);
-        const floatX* row = qkv + i / HS * 3 * HS;   // (seq, s, h) of the fused layout
-        const size_t out = ((seq * NH + h) * S + s) * HS + d;
-        v[out] = row[2 * HS + d];
+    GRID_STRIDE_LOOP(t, packs) {
+        const size_t fused_row = t / packs_per_head;   // (seq, s, h) of the fused layout
+        const int d0 = (int)(t % packs_per_head) * kPack;
+        const int h = fused_row % NH;
+        const size_t token = fused_row / NH;
+        const int s = token % S;
+        const size_t seq = token / S;
+        const floatX* row = qkv + fused_row * 3 * HS;
+        const size_t out = ((seq * NH + h) * S + s) * HS + d0;
+        *reinterpret_cast<FloatXPack*>(v + out) = *reinterpret_cast<const FloatXPack*>(row + 2 * HS + d0);
         for (int part = 0; part < 2; part++) {
             const floatX* u = row + part * HS;
-            const float value = rope_element(u, d, rot, cos_table + s * half, sin_table + s * half, 1.0f);
-            (part == 0 ? q : k)[out] = to_floatX(value);
+            FloatXPack packed = *reinterpret_cast<const FloatXPack*>(u + d0);
+            if (d0 < rot)
+#pragma unroll
+                for (int e = 0; e < kPack; e++)
+                    packed.x[e] = to_floatX(rope_element(u, d0 + e, rot, cos_table + s * half, sin_table + s * half, 1.0f));
+            *reinterpret_cast<FloatXPack*>((part == 0 ? q : k) + out) = packed;
         }
     }
 }
@@ -602,20 +620,35 @@ __global__ void rope_split_heads_kernel(floatX* q, floatX* k, floatX* v, const f
 __global__ void rope_merge_heads_backward_kernel(floatX* dqkv, const floatX* dq, const floatX* dk, const floatX* dv,
                                                  const float* cos_table, const float* sin_table, int nseq, int S, int NH,
                                                  int HS, int rot) {
-    const size_t n = (size_t)nseq * S * NH * HS;
+    const int packs_per_head = HS / kPack;
+    const size_t packs = (size_t)nseq * S * NH * packs_per_head;
     const int half = rot / 2;
-    GRID_STRIDE_LOOP(i, n) {
-        const int d = i % HS, h = (i / HS) % NH, s = (i / ((size_t)HS * NH)) % S;
-        const size_t seq = i / ((size_t)HS * NH * S);
-        floatX* row = dqkv + i / HS * 3 * HS;
+    GRID_STRIDE_LOOP(t, packs) {
+        const size_t fused_row = t / packs_per_head;
+        const int d0 = (int)(t % packs_per_head) * kPack;
+        const int h = fused_row % NH;
+        const size_t token = fused_row / NH;
+        const int s = token % S;
+        const size_t seq = token / S;
+        floatX* row = dqkv + fused_row * 3 * HS;
         const size_t head_row = ((seq * NH + h) * S + s) * HS;
-        row[2 * HS + d] = dv[head_row + d];
+        *reinterpret_cast<FloatXPack*>(row + 2 * HS + d0) = *reinterpret_cast<const FloatXPack*>(dv + head_row + d0);
         for (int part = 0; part < 2; part++) {
             const floatX* u = (part == 0 ? dq : dk) + head_row;
-            const float value = rope_element(u, d, rot, cos_table + s * half, sin_table + s * half, -1.0f);
-            row[part * HS + d] = to_floatX(value);
+            FloatXPack packed = *reinterpret_cast<const FloatXPack*>(u + d0);
+            if (d0 < rot)
+#pragma unroll
+                for (int e = 0; e < kPack; e++)
+                    packed.x[e] = to_floatX(rope_element(u, d0 + e, rot, cos_table + s * half, sin_table + s * half, -1.0f));
+            *reinterpret_cast<FloatXPack*>(row + part * HS + d0) = packed;
         }
     }
+}
+
+// Launch geometry of the two kernels above: one thread per pack of the (nseq, S, NH, HS) q.
+inline int rope_heads_grid(int nseq, int S, int NH, int HS) {
+    if (HS % kPack != 0) throw std::runtime_error("RoPE: head size " + std::to_string(HS) + " is not a multiple of " + std::to_string(kPack));
+    return grid_for((size_t)nseq * S * NH * HS / kPack, 256);
 }
 
 // cos and sin of p θ_m for p < S, m < rot/2: (S, rot/2) each, computed in double, stored fp32 (SPEC 10.5).
@@ -2167,24 +2200,78 @@ __global__ void token_input_backward_kernel(floatX* dprefix, const floatX* dx, i
 }
 
 // ----------------------------------------------------------------------------------------------------------------
-// Softmax cross-entropy in fp32 (SPEC 10.5), fused with its gradient: one block per scored row.
+// Softmax cross-entropy in fp32 (SPEC 10.5), fused with its gradient: one block per scored row, two passes over the
+// row's logits (they do not fit on chip: 50304 fp32 = 196 KB): one for the softmax statistics, one for the gradient.
 // logits: (n, V) fp32   targets: (n)   losses: (n) fp32 = logsumexp(z) - z[target]
 // dlogits: (n, V) = (softmax(z) - onehot(target)) * dloss, where dloss = 1 / (scored rows · accumulation steps).
+
+// The running statistics of a softmax: max m and Σ exp(z - m) over the values seen. Added to one value at a time and
+// merged pairwise in a fixed order, so the result is deterministic.
+struct SoftmaxStats {
+    float max, sum;
+};
+__device__ inline SoftmaxStats softmax_add(SoftmaxStats a, float z) {
+    if (z > a.max) return {z, a.sum * expf(a.max - z) + 1.0f};   // expf(-inf) = 0 for the first value
+    return {a.max, a.sum + expf(z - a.max)};
+}
+__device__ inline SoftmaxStats softmax_merge(SoftmaxStats a, SoftmaxStats b) {
+    const float m = fmaxf(a.max, b.max);
+    if (m == -INFINITY) return a;   // neither has seen a value
+    return {m, a.sum * expf(a.max - m) + b.sum * expf(b.max - m)};
+}
+// Over a thread block (every thread gets the result). shared: at least 32 SoftmaxStats.
+__device__ inline SoftmaxStats block_softmax_merge(SoftmaxStats x, SoftmaxStats* shared) {
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
+    for (int offset = 16; offset > 0; offset >>= 1)
+        x = softmax_merge(x, {__shfl_xor_sync(0xffffffff, x.max, offset), __shfl_xor_sync(0xffffffff, x.sum, offset)});
+    if (lane == 0) shared[warp] = x;
+    __syncthreads();
+    x = lane < warps ? shared[lane] : SoftmaxStats{-INFINITY, 0.0f};
+    for (int offset = 16; offset > 0; offset >>= 1)
+        x = softmax_merge(x, {__shfl_xor_sync(0xffffffff, x.max, offset), __shfl_xor_sync(0xffffffff, x.sum, offset)});
+    return x;
+}
+
+// kVec4: V % 4 == 0, so every row starts 16-byte aligned and is read as float4 (and its gradient written 4 at a time).
+template <bool kVec4>
 __global__ void cross_entropy_kernel(floatX* dlogits, float* losses, const float* logits, const int* targets, int V, float dloss) {
-    __shared__ float shared[32];
+    __shared__ SoftmaxStats shared[32];
     const size_t row = blockIdx.x;
     const float* z = logits + row * V;
-    float max_z = -INFINITY;
-    for (int v = threadIdx.x; v < V; v += blockDim.x) max_z = fmaxf(max_z, z[v]);
-    max_z = block_max(max_z, shared);
-    float sum = 0.0f;
-    for (int v = threadIdx.x; v < V; v += blockDim.x) sum += expf(z[v] - max_z);
-    sum = block_sum(sum, shared);
+    SoftmaxStats stats{-INFINITY, 0.0f};
+    if constexpr (kVec4) {
+        for (int i = threadIdx.x; i < V / 4; i += blockDim.x) {
+            const float4 x = reinterpret_cast<const float4*>(z)[i];
+            stats = softmax_add(softmax_add(softmax_add(softmax_add(stats, x.x), x.y), x.z), x.w);
+        }
+    } else {
+        for (int v = threadIdx.x; v < V; v += blockDim.x) stats = softmax_add(stats, z[v]);
+    }
+    stats = block_softmax_merge(stats, shared);
     const int target = targets[row];
-    if (threadIdx.x == 0) losses[row] = logf(sum) + max_z - z[target];
+    if (threadIdx.x == 0) losses[row] = logf(stats.sum) + stats.max - z[target];
     if (dlogits == nullptr) return;
-    for (int v = threadIdx.x; v < V; v += blockDim.x)
-        dlogits[row * V + v] = to_floatX((expf(z[v] - max_z) / sum - (v == target ? 1.0f : 0.0f)) * dloss);
+    const float scale = dloss / stats.sum;
+    auto gradient = [&](int v, float zv) { return to_floatX(expf(zv - stats.max) * scale - (v == target ? dloss : 0.0f)); };
+    if constexpr (kVec4) {
+        struct alignas(4 * sizeof(floatX)) Four { floatX x[4]; };
+        for (int i = threadIdx.x; i < V / 4; i += blockDim.x) {
+            const float4 x = reinterpret_cast<const float4*>(z)[i];
+            reinterpret_cast<Four*>(dlogits + row * V)[i] = Four{{gradient(4 * i, x.x), gradient(4 * i + 1, x.y),
+                                                                  gradient(4 * i + 2, x.z), gradient(4 * i + 3, x.w)}};
+        }
+    } else {
+        for (int v = threadIdx.x; v < V; v += blockDim.x) dlogits[row * V + v] = gradient(v, z[v]);
+    }
+}
+
+// dlogits null: losses only (validation, scoring).
+inline void cross_entropy(floatX* dlogits, float* losses, const float* logits, const int* targets, int rows, int V,
+                          float dloss, cudaStream_t stream) {
+    if (rows == 0) return;
+    if (V % 4 == 0) cross_entropy_kernel<true><<<rows, 512, 0, stream>>>(dlogits, losses, logits, targets, V, dloss);
+    else cross_entropy_kernel<false><<<rows, 512, 0, stream>>>(dlogits, losses, logits, targets, V, dloss);
+    cudaCheckLaunch();
 }
 
 // out[0] = Σ in[0..n) in a fixed order (one block): the micro-batch loss, the squared gradient norm.
@@ -2310,7 +2397,7 @@ public:
             layernorm_forward({a.ln1.data(), w + o.ln1_w, w + o.ln1_b}, {a.ln2.data(), w + o.ln2_w, w + o.ln2_b},
                               a.x_mean.data(), a.x_rstd.data(), a.x.data(), n, C, gpu.stream);
             linear_forward(gpu, qkv_.data(), a.ln1.data(), w + o.qkv_w, w + o.qkv_b, n, C, 3 * C);
-            rope_split_heads_kernel<<<grid_for(n_ * C, 256), 256, 0, gpu.stream>>>(a.q.data(), a.k.data(), a.v.data(), qkv_.data(),
+            rope_split_heads_kernel<<<rope_heads_grid(nseq_, S_, NH, HS), 256, 0, gpu.stream>>>(a.q.data(), a.k.data(), a.v.data(), qkv_.data(),
                 rope_cos_.data(), rope_sin_.data(), nseq_, S_, NH, HS, cfg_.rotary_dims());
             cudaCheckLaunch();
             attention_forward(gpu, a.att.data(), a.lse.data(), a.q.data(), a.k.data(), a.v.data(), key_mask, attention_, nseq_,
@@ -2355,7 +2442,7 @@ public:
             attention_backward(gpu, dq, dk, dv, dln_.data(), a.att.data(), a.lse.data(), a.q.data(), a.k.data(), a.v.data(),
                                key_mask_, attention_, nseq_, S_, NH, HS);
             floatX* dqkv = dqkv_.data();
-            rope_merge_heads_backward_kernel<<<grid_for(n_ * C, 256), 256, 0, gpu.stream>>>(dqkv, dq, dk, dv,
+            rope_merge_heads_backward_kernel<<<rope_heads_grid(nseq_, S_, NH, HS), 256, 0, gpu.stream>>>(dqkv, dq, dk, dv,
                 rope_cos_.data(), rope_sin_.data(), nseq_, S_, NH, HS, cfg_.rotary_dims());
             cudaCheckLaunch();
             linear_backward(gpu, dln_.data(), g + o.qkv_w, g + o.qkv_b, dqkv, a.ln1.data(), w + o.qkv_w, n, C, 3 * C);
@@ -2704,9 +2791,8 @@ private:
             const int count = (int)std::min(kHeadChunkRows, scored_ - start);
             const floatX* h = head_in_.data() + start * HT;
             linear_forward(gpu, logits_.data(), CUDA_R_32F, h, embed_out, nullptr, count, HT, V);
-            cross_entropy_kernel<<<count, 512, 0, gpu.stream>>>(grad_scale > 0 ? dlogits_.data() : nullptr, losses_.data() + start,
-                                                                logits_.data(), head_targets_.data() + start, V, dloss);
-            cudaCheckLaunch();
+            cross_entropy(grad_scale > 0 ? dlogits_.data() : nullptr, losses_.data() + start, logits_.data(),
+                          head_targets_.data() + start, count, V, dloss, gpu.stream);
             if (keep_logits)
                 cudaCheck(cudaMemcpyAsync(host_logits.data() + start * V, logits_.data(), (size_t)count * V * sizeof(float),
                                           cudaMemcpyDeviceToHost, gpu.stream));

@@ -188,7 +188,7 @@ static void check_attention(int nseq, int S, int NH, int HS, uint32_t seed) {
     poison(scratch.scores); poison(scratch.dprobs); poison(scratch.probs); poison(scratch.dscores);
     poison(scratch.heads); poison(scratch.dheads); poison(scratch.delta);
     auto lse = poisoned<float>(attention_lse_size(nseq, NH, S, HS));
-    rope_split_heads_kernel<<<grid_for(n * C, 256), 256>>>(q.data(), k.data(), v.data(), qkv.device.data(), cos_device.data(),
+    rope_split_heads_kernel<<<rope_heads_grid(nseq, S, NH, HS), 256>>>(q.data(), k.data(), v.data(), qkv.device.data(), cos_device.data(),
                                                            sin_device.data(), nseq, S, NH, HS, rot);
     cudaCheckLaunch();
     attention_forward(gpu, out.data(), lse.data(), q.data(), k.data(), v.data(), key_mask_device.data(), scratch, nseq, S, NH, HS);
@@ -202,7 +202,7 @@ static void check_attention(int nseq, int S, int NH, int HS, uint32_t seed) {
     auto dq = poisoned<floatX>(n * C), dk = poisoned<floatX>(n * C), dv = poisoned<floatX>(n * C), dqkv = poisoned<floatX>(n * 3 * C);
     attention_backward(gpu, dq.data(), dk.data(), dv.data(), dout.device.data(), out.data(), lse.data(), q.data(), k.data(),
                        v.data(), key_mask_device.data(), scratch, nseq, S, NH, HS);
-    rope_merge_heads_backward_kernel<<<grid_for(n * C, 256), 256>>>(dqkv.data(), dq.data(), dk.data(), dv.data(), cos_device.data(),
+    rope_merge_heads_backward_kernel<<<rope_heads_grid(nseq, S, NH, HS), 256>>>(dqkv.data(), dq.data(), dk.data(), dv.data(), cos_device.data(),
                                                                     sin_device.data(), nseq, S, NH, HS, rot);
     cudaCheckLaunch();
     std::vector<float> dqkv_ref(n * 3 * C);
@@ -304,29 +304,40 @@ GPU_TEST_CASE("gpu: GELU forward and backward") {
     CHECK_CLOSE(download(dinp.data(), n), dinp_ref, n, kKernelTolerance);
 }
 
-GPU_TEST_CASE("gpu: fused cross-entropy (loss and gradient)") {
-    std::mt19937 rng(7);
-    const int rows = 7, V = 1001;
+// V = 1001 takes the scalar kernel, V = 50304 (Pythia's padded vocabulary) the float4 one; in row 0 every logit but
+// the target's is the same value (ties everywhere, the maximum far from the first element).
+static void check_cross_entropy(int rows, int V, uint32_t seed) {
+    CAPTURE(rows); CAPTURE(V);
+    std::mt19937 rng(seed);
     std::normal_distribution<float> normal(0.0f, 3.0f);
-    std::vector<float> logits(rows * V);
+    std::vector<float> logits((size_t)rows * V);
     for (float& z : logits) z = normal(rng);
     std::vector<int> targets(rows);
     for (int& t : targets) t = rng() % V;
+    std::fill(logits.begin(), logits.begin() + V, 0.5f);
+    logits[targets[0]] = 4.0f;
     DeviceBuffer<float> logits_device(logits.size());
     logits_device.upload(logits.data(), logits.size());
     DeviceBuffer<int> targets_device(rows);
     targets_device.upload(targets.data(), rows);
     auto losses = poisoned<float>(rows);
-    auto dlogits = poisoned<floatX>(rows * V);
-    cross_entropy_kernel<<<rows, 512>>>(dlogits.data(), losses.data(), logits_device.data(), targets_device.data(), V, 1.0f / rows);
-    cudaCheckLaunch();
+    auto dlogits = poisoned<floatX>((size_t)rows * V);
+    cross_entropy(dlogits.data(), losses.data(), logits_device.data(), targets_device.data(), rows, V, 1.0f / rows, 0);
+    cudaCheck(cudaDeviceSynchronize());
+    const std::vector<float> losses_gpu = download(losses.data(), rows);
+    for (int r = 0; r < rows; r++) {
+        const char one = 1;
+        CHECK(losses_gpu[r] == doctest::Approx(ref::cross_entropy_forward(logits.data() + (size_t)r * V, &targets[r], &one, 1, V)).epsilon(1e-5));
+    }
     std::vector<char> valid(rows, 1);
-    std::vector<float> dlogits_ref(rows * V), losses_gpu = download(losses.data(), rows);
-    double mean = 0.0;
-    for (float l : losses_gpu) mean += l / rows;
-    CHECK(mean == doctest::Approx(ref::cross_entropy_forward(logits.data(), targets.data(), valid.data(), rows, V)).epsilon(1e-5));
+    std::vector<float> dlogits_ref((size_t)rows * V);
     ref::cross_entropy_backward(dlogits_ref.data(), logits.data(), targets.data(), valid.data(), rows, V);
-    CHECK_CLOSE(download(dlogits.data(), rows * V), dlogits_ref, rows * V, kKernelTolerance);
+    CHECK_CLOSE(download(dlogits.data(), (size_t)rows * V), dlogits_ref, (size_t)rows * V, kKernelTolerance);
+}
+
+GPU_TEST_CASE("gpu: fused cross-entropy (loss and gradient)") {
+    check_cross_entropy(7, 1001, 7);
+    check_cross_entropy(5, 50304, 17);
 }
 
 GPU_TEST_CASE("gpu: embedding gather and deterministic bucketed backward") {
