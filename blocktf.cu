@@ -1084,8 +1084,8 @@ __device__ __forceinline__ uint32_t smem_address(const void* p) {
 
 // The block's dynamic shared memory (128-byte aligned).
 __device__ __forceinline__ unsigned char* dynamic_smem() {
-    extern __shared__ __align__(128) unsigned char flash2_smem[];
-    return flash2_smem;
+    extern __shared__ __align__(128) unsigned char flash_smem[];
+    return flash_smem;
 }
 
 // d (16 x 8 fp32 C fragment) += a (16 x 16 bf16 A fragment) · (b0, b1) (16 x 8 bf16 B fragment). Layouts: top of file.

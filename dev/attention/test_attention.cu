@@ -1,22 +1,25 @@
-// test_attention.cu: checks and times the fused attention kernels of dev/attention/fused_attention.cuh and the
-// FlashAttention-2 kernels of dev/attention/flash2.cuh.
-//   1. Each kernel pair (small: S <= 16; flash and flash2: any S) against a double-precision CPU reference (plain loops) on
-//      fresh random inputs, rounded to floatX first so that both sides see the same numbers, with key masks that
-//      leave some queries without any visible key and mask one sequence entirely. Outputs are poisoned (all bits
-//      set: NaN in fp32 and bf16) before every kernel call. Per output, the norm-wise relative error
-//      ||gpu - ref|| / ||ref|| must stay under 1e-5 (FP32 build) or 1e-2 (BF16 build); NaN never passes. A second
-//      forward + backward into fresh poisoned buffers must give bitwise-equal outputs (determinism).
-//   2. The fused kernels against blocktf's own attention_forward / attention_backward (cuBLAS path) on one medium
-//      shape each: a cross-check of the semantics against the code they will replace.
-//   3. flash2_attention_cached_prefill (new queries over a KV cache, generation's prefill) against the reference and
-//      against blocktf's attention_cached, p0 = 0 and p0 > 0, left-padded prompts (masked leading positions), cache
-//      slots past the new positions and masked slots filled with NaN (neither kernel may read them into a result).
-//   4. A benchmark at the paper's shapes, fused vs blocktf's path (CUDA events, warm-up, median): one markdown table;
-//      then cached prefill vs attention_cached at generation's shapes.
+// test_attention.cu: checks and times blocktf.cu's attention implementations, each called directly (not through the
+// attention_forward/backward dispatcher): the small kernels (S <= 16), flash attention (FlashAttention-2 on mma.sync,
+// BF16 build only), the matmul path (batched cuBLAS GEMMs), and for generation flash_attention_cached_prefill and
+// attention_cached.
+//   1. Every path that accepts a shape against a double-precision CPU reference (plain loops) on fresh random inputs,
+//      rounded to floatX first so that both sides see the same numbers, with key masks that leave some queries without
+//      any visible key, skip whole key tiles of the flash kernels, and mask one sequence entirely. Outputs are poisoned
+//      (all bits set: NaN in fp32 and bf16) before every call. Per output (out, flash's lse, dq, dk, dv), the norm-wise
+//      relative error ||gpu - ref|| / ||ref|| must stay under 1e-5 (FP32 build) or 1e-2 (BF16 build); NaN never
+//      passes. A second forward + backward into fresh poisoned buffers must give bitwise-equal outputs (determinism).
+//   2. Flash against the matmul path on the same inputs, for S > 16 (where a stack takes one or the other).
+//   3. The flash entry points refuse, with a std::runtime_error, what they do not serve: anything in the FP32 build,
+//      head size 16 in the BF16 build.
+//   4. Cached prefill (new queries over a KV cache) against the reference: attention_cached, and in the BF16 build
+//      flash_attention_cached_prefill (also against attention_cached, and rerun bitwise); p0 = 0 and p0 > 0,
+//      left-padded prompts, cache slots past the new positions and masked slots filled with NaN (never to be read).
+//   5. A benchmark (BF16 build) at the paper's shapes, each path against the matmul path (CUDA events, warm-up,
+//      median): one markdown table; then flash_attention_cached_prefill against attention_cached.
 // Build, from the repository root (dev/attention/run.sh builds both precisions and runs them):
 //   nvcc -std=c++17 -O2 -arch=sm_90 -I. -DBLOCKTF_PRECISION_BF16 dev/attention/test_attention.cu -o build/test_attention
 //        -lcublas -lcublasLt          (or -DBLOCKTF_PRECISION_FP32)
-// Run: build/test_attention [--quick] [--no-bench]. --quick: a few small shapes only (for compute-sanitizer).
+// Run: build/test_attention [--quick] [--no-bench]. --quick: a few small shapes, no benchmark (for compute-sanitizer).
 // Exit status: 0 when every check passed, 1 otherwise.
 #include <algorithm>
 #include <cstdio>
@@ -25,16 +28,14 @@
 #include <random>
 #include <string>
 #include <vector>
-#include "blocktf.cu"
-#include "dev/attention/fused_attention.cuh"
-#include "dev/attention/flash2.cuh"
+#include "blocktf.cu"   // defines: the attention paths under test, DeviceBuffer, Gpu, cudaCheck
 
 namespace {
 
 constexpr bool kFp32Build = std::is_same<floatX, float>::value;
 // METHOD.md: fp32 arithmetic lands far under 1e-3; bf16 operands between 1e-3 and 1e-2.
 constexpr double kTolerance = kFp32Build ? 1e-5 : 1e-2;
-// Fused vs blocktf's path: two implementations, each within kTolerance of the truth.
+// One path against another: two implementations, each within kTolerance of the truth.
 constexpr double kCrossTolerance = 2 * kTolerance;
 
 int g_checks = 0, g_failures = 0;
@@ -61,6 +62,16 @@ std::string format(const char* fmt, double value) {
     return buffer;
 }
 
+// One report line of relative errors; it fails when any error reaches its tolerance (or is NaN).
+struct ErrorLine {
+    std::string text;
+    bool pass = true;
+    void add(const char* name, double error, double tolerance) {
+        pass = pass && error < tolerance;
+        text += "  " + std::string(name) + format(" %.1e", error);
+    }
+};
+
 // floatX <-> float on the host, through the bit patterns (loader.h's bf16 conversion rounds to nearest even).
 float host_float(floatX x) {
     if (kFp32Build) { float f; std::memcpy(&f, &x, sizeof(f)); return f; }
@@ -76,7 +87,7 @@ floatX host_floatX(float f) {
 }
 
 // ----------------------------------------------------------------------------------------------------------------
-// Shapes, inputs, outputs.
+// Shapes, inputs, device buffers.
 
 struct Shape {
     int nseq, S, NH, HS;
@@ -89,17 +100,13 @@ struct Shape {
     }
 };
 
-enum class Kind { kSmall, kFlash, kFlash2 };
-const char* kind_name(Kind kind) { return kind == Kind::kSmall ? "small" : kind == Kind::kFlash ? "flash" : "flash2"; }
-bool has_lse(Kind kind) { return kind != Kind::kSmall; }
-
 struct HostInputs {
     std::vector<float> q, k, v;   // (nseq, NH, S, HS), floatX-rounded
     std::vector<float> dout;      // (nseq, S, NH*HS)
     std::vector<int> key_mask;    // (nseq, S)
 };
 struct DeviceInputs {
-    DeviceBuffer<floatX> q, k, v, dout;
+    DeviceBuffer<floatX> q, k, v, dout;   // as HostInputs
     DeviceBuffer<int> key_mask;
 };
 
@@ -143,16 +150,10 @@ void make_inputs(const Shape& s, uint32_t seed, HostInputs& host, DeviceInputs& 
     device.key_mask.upload(host.key_mask.data(), host.key_mask.size());
 }
 
-struct Outputs {
-    DeviceBuffer<floatX> out;          // (nseq, S, NH*HS)
-    DeviceBuffer<floatX> dq, dk, dv;   // (nseq, NH, S, HS)
-    DeviceBuffer<float> lse, delta;    // (nseq, NH, S): flash only (delta is the backward's scratch)
-    explicit Outputs(const Shape& s)
-        : out(s.elements()), dq(s.elements()), dk(s.elements()), dv(s.elements()), lse(s.rows()), delta(s.rows()) {}
-};
-
 template <typename T>
-void poison(DeviceBuffer<T>& buffer) { cudaCheck(cudaMemset(buffer.data(), 0xFF, buffer.size() * sizeof(T))); }
+void poison(DeviceBuffer<T>& buffer) {
+    if (buffer.size() > 0) cudaCheck(cudaMemset(buffer.data(), 0xFF, buffer.size() * sizeof(T)));
+}
 
 template <typename T>
 std::vector<float> download(const DeviceBuffer<T>& buffer) {
@@ -168,53 +169,98 @@ std::vector<float> download(const DeviceBuffer<T>& buffer) {
 template <typename T>
 std::vector<unsigned char> download_bytes(const DeviceBuffer<T>& buffer) {
     std::vector<unsigned char> bytes(buffer.size() * sizeof(T));
-    cudaCheck(cudaMemcpy(bytes.data(), buffer.data(), bytes.size(), cudaMemcpyDeviceToHost));
+    if (!bytes.empty()) cudaCheck(cudaMemcpy(bytes.data(), buffer.data(), bytes.size(), cudaMemcpyDeviceToHost));
     return bytes;
 }
 
-// The fused kernels of one kind, exactly as blocktf would call them.
-void fused_forward(Kind kind, Outputs& o, const DeviceInputs& in, const Shape& s, cudaStream_t stream) {
-    if (kind == Kind::kSmall)
-        small_attention_forward(o.out.data(), in.q.data(), in.k.data(), in.v.data(), in.key_mask.data(), s.nseq, s.S, s.NH,
-                                s.HS, stream);
-    else if (kind == Kind::kFlash)
-        flash_attention_forward(o.out.data(), o.lse.data(), in.q.data(), in.k.data(), in.v.data(), in.key_mask.data(),
-                                s.nseq, s.S, s.NH, s.HS, stream);
-    else
-        flash2_attention_forward(o.out.data(), o.lse.data(), in.q.data(), in.k.data(), in.v.data(), in.key_mask.data(),
-                                 s.nseq, s.S, s.NH, s.HS, stream);
+// ----------------------------------------------------------------------------------------------------------------
+// The three paths of a stack's attention, called directly.
+
+const char* path_name(AttentionPath path) {
+    return path == AttentionPath::Small ? "small" : path == AttentionPath::Flash ? "flash" : "matmul";
 }
-void fused_backward(Kind kind, Outputs& o, const DeviceInputs& in, const Shape& s, cudaStream_t stream) {
-    if (kind == Kind::kSmall)
-        small_attention_backward(o.dq.data(), o.dk.data(), o.dv.data(), in.dout.data(), in.q.data(), in.k.data(),
-                                 in.v.data(), in.key_mask.data(), s.nseq, s.S, s.NH, s.HS, stream);
-    else if (kind == Kind::kFlash)
-        flash_attention_backward(o.dq.data(), o.dk.data(), o.dv.data(), in.dout.data(), o.out.data(), o.lse.data(),
-                                 in.q.data(), in.k.data(), in.v.data(), in.key_mask.data(), o.delta.data(), s.nseq, s.S,
-                                 s.NH, s.HS, stream);
-    else
-        flash2_attention_backward(o.dq.data(), o.dk.data(), o.dv.data(), in.dout.data(), o.out.data(), o.lse.data(),
-                                  in.q.data(), in.k.data(), in.v.data(), in.key_mask.data(), o.delta.data(), s.nseq, s.S,
-                                  s.NH, s.HS, stream);
+
+// Every path that accepts the shape: small for S <= 16 (all our head sizes are its), flash in the BF16 build for head
+// sizes 32, 64, 128 (any S), matmul always.
+std::vector<AttentionPath> paths_accepting(const Shape& s) {
+    std::vector<AttentionPath> paths;
+    if (s.S <= kSmallMaxS) paths.push_back(AttentionPath::Small);
+    if (kFlashAttentionBuild && flash_head_size(s.HS)) paths.push_back(AttentionPath::Flash);
+    paths.push_back(AttentionPath::Matmul);
+    return paths;
+}
+
+// What one path writes at one shape, and the scratch it needs.
+struct PathOutputs {
+    AttentionPath path;
+    DeviceBuffer<floatX> out;          // (nseq, S, NH*HS)
+    DeviceBuffer<float> lse;           // (nseq, NH, S), flash only
+    DeviceBuffer<floatX> dq, dk, dv;   // (nseq, NH, S, HS)
+    AttentionScratch scratch;          // flash: delta; matmul: the (S, S) scores and probabilities
+    PathOutputs(AttentionPath p, const Shape& s)
+        : path(p), out(s.elements()), lse(p == AttentionPath::Flash ? s.rows() : 0), dq(s.elements()), dk(s.elements()),
+          dv(s.elements()), scratch(s.nseq, s.NH, s.S, s.HS, p) {}
+};
+
+void path_forward(Gpu& gpu, PathOutputs& o, const DeviceInputs& in, const Shape& s) {
+    switch (o.path) {
+        case AttentionPath::Small:
+            small_attention_forward(o.out.data(), in.q.data(), in.k.data(), in.v.data(), in.key_mask.data(), s.nseq, s.S,
+                                    s.NH, s.HS, gpu.stream);
+            break;
+        case AttentionPath::Flash:
+            flash_attention_forward(o.out.data(), o.lse.data(), in.q.data(), in.k.data(), in.v.data(), in.key_mask.data(),
+                                    s.nseq, s.S, s.NH, s.HS, gpu.stream);
+            break;
+        case AttentionPath::Matmul:
+            matmul_attention_forward(gpu, o.out.data(), in.q.data(), in.k.data(), in.v.data(), in.key_mask.data(),
+                                     o.scratch, s.nseq, s.S, s.NH, s.HS);
+            break;
+    }
+}
+
+// Flash's backward reads the out and lse of path_forward.
+void path_backward(Gpu& gpu, PathOutputs& o, const DeviceInputs& in, const Shape& s) {
+    switch (o.path) {
+        case AttentionPath::Small:
+            small_attention_backward(o.dq.data(), o.dk.data(), o.dv.data(), in.dout.data(), in.q.data(), in.k.data(),
+                                     in.v.data(), in.key_mask.data(), s.nseq, s.S, s.NH, s.HS, gpu.stream);
+            break;
+        case AttentionPath::Flash:
+            flash_attention_backward(o.dq.data(), o.dk.data(), o.dv.data(), in.dout.data(), o.out.data(), o.lse.data(),
+                                     in.q.data(), in.k.data(), in.v.data(), in.key_mask.data(), o.scratch.delta.data(),
+                                     s.nseq, s.S, s.NH, s.HS, gpu.stream);
+            break;
+        case AttentionPath::Matmul:
+            matmul_attention_backward(gpu, o.dq.data(), o.dk.data(), o.dv.data(), in.dout.data(), in.q.data(), in.k.data(),
+                                      in.v.data(), in.key_mask.data(), o.scratch, s.nseq, s.S, s.NH, s.HS);
+            break;
+    }
 }
 
 // Forward then backward, each output poisoned right before the call that writes it; synchronised and checked.
-void run_poisoned(Kind kind, Outputs& o, const DeviceInputs& in, const Shape& s, cudaStream_t stream) {
+void run_poisoned(Gpu& gpu, PathOutputs& o, const DeviceInputs& in, const Shape& s) {
     poison(o.out);
     poison(o.lse);
-    fused_forward(kind, o, in, s, stream);
-    cudaCheck(cudaStreamSynchronize(stream));
+    path_forward(gpu, o, in, s);
+    cudaCheck(cudaStreamSynchronize(gpu.stream));
     poison(o.dq);
     poison(o.dk);
     poison(o.dv);
-    poison(o.delta);
-    fused_backward(kind, o, in, s, stream);
-    cudaCheck(cudaStreamSynchronize(stream));
+    poison(o.scratch.delta);
+    path_backward(gpu, o, in, s);
+    cudaCheck(cudaStreamSynchronize(gpu.stream));
     cudaCheck(cudaGetLastError());
 }
 
+bool bitwise_equal(const PathOutputs& a, const PathOutputs& b) {
+    return download_bytes(a.out) == download_bytes(b.out) && download_bytes(a.lse) == download_bytes(b.lse) &&
+           download_bytes(a.dq) == download_bytes(b.dq) && download_bytes(a.dk) == download_bytes(b.dk) &&
+           download_bytes(a.dv) == download_bytes(b.dv);
+}
+
 // ----------------------------------------------------------------------------------------------------------------
-// The reference: the semantics of fused_attention.cuh's header comment, in double, plain loops.
+// The reference: the semantics of blocktf.cu's attention (SPEC 1.1.5), in double, plain loops.
 
 struct Reference {
     std::vector<double> out, dq, dk, dv;   // layouts as the GPU's
@@ -235,7 +281,7 @@ Reference reference_attention(const Shape& s, const HostInputs& in) {
     for (int seq = 0; seq < s.nseq; seq++)
         for (int h = 0; h < NH; h++) {
             const size_t head = (size_t)seq * NH + h;
-            auto at = [&](int t) { return (head * S + t) * HS; };                 // row t of q, k, v, dq, dk, dv
+            auto at = [&](int t) { return (head * S + t) * HS; };                         // row t of q, k, v, dq, dk, dv
             auto merged = [&](int t) { return (((size_t)seq * S + t) * NH + h) * HS; };   // row t of out, dout
             for (int i = 0; i < S; i++) {
                 double max_s = -INFINITY;
@@ -293,77 +339,124 @@ double relative_error(const std::vector<float>& gpu, const std::vector<float>& r
 }
 
 // ----------------------------------------------------------------------------------------------------------------
-// 1. Fused kernels against the reference.
+// 1, 2. Each path against the reference, flash against the matmul path.
 
-void check_fused(Kind kind, const Shape& s, uint32_t seed) {
+// Runs the path twice and reports its errors against the reference and whether the reruns agree bit for bit; returns
+// the first run's outputs.
+PathOutputs check_path(Gpu& gpu, AttentionPath path, const Shape& s, const DeviceInputs& in, const Reference& ref) {
+    PathOutputs first(path, s), second(path, s);
+    run_poisoned(gpu, first, in, s);
+    run_poisoned(gpu, second, in, s);
+    ErrorLine line;
+    line.add("out", relative_error(download(first.out), ref.out), kTolerance);
+    if (path == AttentionPath::Flash) line.add("lse", relative_error(download(first.lse), ref.lse), kTolerance);
+    line.add("dq", relative_error(download(first.dq), ref.dq), kTolerance);
+    line.add("dk", relative_error(download(first.dk), ref.dk), kTolerance);
+    line.add("dv", relative_error(download(first.dv), ref.dv), kTolerance);
+    const bool same = bitwise_equal(first, second);
+    report(line.pass && same, std::string(path_name(path)) + "  " + s.str() + line.text +
+                                  (same ? "  rerun bitwise equal" : "  RERUN DIFFERS"));
+    return first;
+}
+
+void check_flash_against_matmul(const PathOutputs& flash, const PathOutputs& matmul, const Shape& s) {
+    ErrorLine line;
+    line.add("out", relative_error(download(flash.out), download(matmul.out)), kCrossTolerance);
+    line.add("dq", relative_error(download(flash.dq), download(matmul.dq)), kCrossTolerance);
+    line.add("dk", relative_error(download(flash.dk), download(matmul.dk)), kCrossTolerance);
+    line.add("dv", relative_error(download(flash.dv), download(matmul.dv)), kCrossTolerance);
+    report(line.pass, "flash vs matmul  " + s.str() + line.text);
+}
+
+// Every path that accepts the shape, on the same inputs and reference.
+void check_shape(Gpu& gpu, const Shape& s, uint32_t seed) {
     HostInputs host;
     DeviceInputs device;
     make_inputs(s, seed, host, device);
     const Reference ref = reference_attention(s, host);
-    Outputs first(s), second(s);
-    run_poisoned(kind, first, device, s, 0);
-    run_poisoned(kind, second, device, s, 0);
-
-    std::string line = std::string(kind_name(kind)) + "  " + s.str() + "  ";
-    bool pass = true;
-    auto compare = [&](const char* name, const std::vector<float>& gpu, const std::vector<double>& want) {
-        const double error = relative_error(gpu, want);
-        pass = pass && error < kTolerance;
-        line += std::string(name) + format(" %.1e  ", error);
+    std::vector<PathOutputs> checked;   // the paths that ran without an exception
+    for (AttentionPath path : paths_accepting(s))
+        guarded(std::string(path_name(path)) + "  " + s.str(),
+                [&] { checked.push_back(check_path(gpu, path, s, device, ref)); });
+    auto outputs_of = [&](AttentionPath path) -> const PathOutputs* {
+        for (const PathOutputs& o : checked) if (o.path == path) return &o;
+        return nullptr;
     };
-    compare("out", download(first.out), ref.out);
-    if (has_lse(kind)) compare("lse", download(first.lse), ref.lse);
-    compare("dq", download(first.dq), ref.dq);
-    compare("dk", download(first.dk), ref.dk);
-    compare("dv", download(first.dv), ref.dv);
-    bool same = download_bytes(first.out) == download_bytes(second.out) && download_bytes(first.dq) == download_bytes(second.dq) &&
-                download_bytes(first.dk) == download_bytes(second.dk) && download_bytes(first.dv) == download_bytes(second.dv);
-    if (has_lse(kind)) same = same && download_bytes(first.lse) == download_bytes(second.lse);
-    line += same ? "rerun bitwise equal" : "RERUN DIFFERS";
-    report(pass && same, line);
+    const PathOutputs *flash = outputs_of(AttentionPath::Flash), *matmul = outputs_of(AttentionPath::Matmul);
+    if (s.S > kSmallMaxS && flash != nullptr && matmul != nullptr) check_flash_against_matmul(*flash, *matmul, s);
+}
+
+// Short sequences (the token decoder): every S x HS, NH 1..4, nseq 64 / 37 / 5 in turn. Long sequences (the block
+// decoder, the vanilla model): S 17 (the shortest a stack sends to flash), 64, 130, 511 with nseq 3, NH 2, and S 2048
+// with nseq 1, NH 2, at each flash head size. --quick: smaller nseq and NH, no S past 130.
+std::vector<Shape> checked_shapes(bool quick) {
+    std::vector<Shape> shapes;
+    const int short_S[] = {1, 2, 5, 9, 16}, short_HS[] = {16, 32, 64, 128}, short_nseq[] = {64, 37, 5};
+    int index = 0;
+    for (int S : short_S)
+        for (int HS : short_HS) {
+            const Shape shape{short_nseq[index % 3], S, 1 + index % 4, HS};
+            index++;
+            if (!quick) shapes.push_back(shape);
+            else if (S == 5 || S == 16) shapes.push_back({7, S, 3, HS});
+        }
+    const int long_S[] = {17, 64, 130, 511, 2048}, long_HS[] = {32, 64, 128};
+    for (int S : long_S)
+        for (int HS : long_HS) {
+            if (!quick) shapes.push_back(S == 2048 ? Shape{1, S, 2, HS} : Shape{3, S, 2, HS});
+            else if (S <= 130) shapes.push_back({3, S, 1, HS});
+        }
+    return shapes;
 }
 
 // ----------------------------------------------------------------------------------------------------------------
-// 2. Fused kernels against blocktf's attention_forward / attention_backward (scratch sized as GpuStack sizes it).
+// 3. What flash attention refuses.
 
-void check_against_blocktf(Kind kind, const Shape& s, uint32_t seed) {
-    Gpu gpu;
-    HostInputs host;
-    DeviceInputs device;
-    make_inputs(s, seed, host, device);
-    const Reference ref = reference_attention(s, host);
-    AttentionScratch scratch(s.nseq, s.NH, s.S, s.HS);
-    DeviceBuffer<floatX> out(s.elements()), dq(s.elements()), dk(s.elements()), dv(s.elements());
-    poison(out);
-    attention_forward(gpu, out.data(), device.q.data(), device.k.data(), device.v.data(), device.key_mask.data(), scratch,
-                      s.nseq, s.S, s.NH, s.HS);
-    poison(dq);
-    poison(dk);
-    poison(dv);
-    attention_backward(gpu, dq.data(), dk.data(), dv.data(), device.dout.data(), device.q.data(), device.k.data(),
-                       device.v.data(), device.key_mask.data(), scratch, s.nseq, s.S, s.NH, s.HS);
-    cudaCheck(cudaStreamSynchronize(gpu.stream));
-    Outputs fused(s);
-    run_poisoned(kind, fused, device, s, gpu.stream);
+// The call must throw a std::runtime_error whose message holds `expected`, before launching anything.
+void expect_refusal(const std::string& what, const char* expected, const std::function<void()>& call) {
+    try {
+        call();
+        cudaCheck(cudaDeviceSynchronize());
+        report(false, what + ": ran instead of throwing");
+    } catch (const std::runtime_error& e) {
+        const bool pass = std::strstr(e.what(), expected) != nullptr;
+        const std::string message = std::string("threw std::runtime_error \"") + e.what() + "\"";
+        report(pass, what + ": " + message + (pass ? "" : " (expected \"" + std::string(expected) + "\")"));
+    } catch (const std::exception& e) {
+        report(false, what + ": threw something other than std::runtime_error: " + e.what());
+    }
+}
 
-    std::string line = std::string(kind_name(kind)) + " vs blocktf  " + s.str() + "  fused-blocktf (blocktf-ref):  ";
-    bool pass = true;
-    auto compare = [&](const char* name, const DeviceBuffer<floatX>& mine, const DeviceBuffer<floatX>& theirs,
-                       const std::vector<double>& want) {
-        const std::vector<float> blocktf = download(theirs);
-        const double error = relative_error(download(mine), blocktf);
-        pass = pass && error < kCrossTolerance;
-        line += std::string(name) + format(" %.1e", error) + format(" (%.1e)  ", relative_error(blocktf, want));
-    };
-    compare("out", fused.out, out, ref.out);
-    compare("dq", fused.dq, dq, ref.dq);
-    compare("dk", fused.dk, dk, ref.dk);
-    compare("dv", fused.dv, dv, ref.dv);
-    report(pass, line);
+// FP32 build: every flash entry point, at a shape it would serve in the BF16 build. BF16 build: head size 16.
+void check_flash_refusals() {
+    const Shape s{2, 40, 2, kFlashAttentionBuild ? 16 : 64};
+    const char* expected = kFlashAttentionBuild ? "head size 16" : "needs the BF16 build";
+    DeviceBuffer<floatX> q(s.elements()), k(s.elements()), v(s.elements()), out(s.elements()), dout(s.elements());
+    DeviceBuffer<floatX> dq(s.elements()), dk(s.elements()), dv(s.elements());
+    DeviceBuffer<float> lse(s.rows()), delta(s.rows());
+    DeviceBuffer<int> key_mask((size_t)s.nseq * s.S);
+    for (DeviceBuffer<floatX>* b : {&q, &k, &v, &out, &dout})
+        cudaCheck(cudaMemset(b->data(), 0, b->size() * sizeof(floatX)));
+    cudaCheck(cudaMemset(lse.data(), 0, lse.size() * sizeof(float)));
+    cudaCheck(cudaMemset(key_mask.data(), 0, key_mask.size() * sizeof(int)));
+    const std::string where = std::string(kPrecisionName) + " build, " + s.str();
+    expect_refusal("flash_attention_forward refuses (" + where + ")", expected, [&] {
+        flash_attention_forward(out.data(), lse.data(), q.data(), k.data(), v.data(), key_mask.data(), s.nseq, s.S, s.NH,
+                                s.HS, 0);
+    });
+    expect_refusal("flash_attention_backward refuses (" + where + ")", expected, [&] {
+        flash_attention_backward(dq.data(), dk.data(), dv.data(), dout.data(), out.data(), lse.data(), q.data(), k.data(),
+                                 v.data(), key_mask.data(), delta.data(), s.nseq, s.S, s.NH, s.HS, 0);
+    });
+    // As a prefill of all S positions from p0 = 0 into a cache of capacity S: q, out (nseq, S, NH*HS).
+    expect_refusal("flash_attention_cached_prefill refuses (" + where + ")", expected, [&] {
+        flash_attention_cached_prefill(out.data(), q.data(), k.data(), v.data(), key_mask.data(), 0, s.nseq, s.S, s.NH,
+                                       s.HS, s.S, 0);
+    });
 }
 
 // ----------------------------------------------------------------------------------------------------------------
-// 3. Cached prefill (flash2_attention_cached_prefill) against the reference and blocktf's attention_cached.
+// 4. Cached prefill against the reference; flash_attention_cached_prefill against attention_cached.
 
 struct CachedShape {
     int nseq, S_new, NH, HS, capacity, p0;
@@ -419,7 +512,7 @@ void check_cached(const CachedShape& c, uint32_t seed) {
     std::mt19937 rng(seed);
     std::normal_distribution<float> normal(0.0f, 1.0f);
     const int end = c.p0 + c.S_new;
-    std::vector<int> key_mask((size_t)c.nseq * c.capacity, 1);
+    std::vector<int> key_mask((size_t)c.nseq * c.capacity, 1);   // (nseq, capacity)
     for (int seq = 0; seq < c.nseq; seq++) {
         const int pads[] = {0, 3, 70, end, 1, 64};
         for (int j = 0; j < std::min(end, pads[seq % 6]); j++) key_mask[(size_t)seq * c.capacity + j] = 0;
@@ -444,7 +537,7 @@ void check_cached(const CachedShape& c, uint32_t seed) {
         device.upload(bits.data(), n);
     };
     std::vector<float> q, k, v;
-    DeviceBuffer<floatX> q_dev, k_dev, v_dev;
+    DeviceBuffer<floatX> q_dev, k_dev, v_dev;   // q: (nseq, S_new, NH*HS); k, v: (nseq, NH, capacity, HS)
     make(c.q_elements(), false, q, q_dev);
     make(c.cache_elements(), true, k, k_dev);
     make(c.cache_elements(), true, v, v_dev);
@@ -453,29 +546,49 @@ void check_cached(const CachedShape& c, uint32_t seed) {
     const int* mask = c.masked ? mask_dev.data() : nullptr;
     const std::vector<double> ref = reference_cached(c, q, k, v, c.masked ? key_mask : std::vector<int>());
 
-    DeviceBuffer<floatX> first(c.q_elements()), second(c.q_elements()), blocktf_out(c.q_elements());
-    for (DeviceBuffer<floatX>* out : {&first, &second}) {
-        poison(*out);
-        flash2_attention_cached_prefill(out->data(), q_dev.data(), k_dev.data(), v_dev.data(), mask, c.p0, c.nseq, c.S_new,
-                                        c.NH, c.HS, c.capacity, 0);
-        cudaCheck(cudaDeviceSynchronize());
-    }
-    poison(blocktf_out);
-    attention_cached(blocktf_out.data(), q_dev.data(), k_dev.data(), v_dev.data(), mask, nullptr, c.p0, c.nseq, c.S_new, c.NH,
+    DeviceBuffer<floatX> cached_out(c.q_elements());
+    poison(cached_out);
+    attention_cached(cached_out.data(), q_dev.data(), k_dev.data(), v_dev.data(), mask, nullptr, c.p0, c.nseq, c.S_new, c.NH,
                      c.HS, c.capacity, 0);
     cudaCheck(cudaDeviceSynchronize());
+    const std::vector<float> cached = download(cached_out);
+    ErrorLine line;
+    line.add("attention_cached", relative_error(cached, ref), kTolerance);
+    bool same = true;
+    if (kFlashAttentionBuild) {
+        DeviceBuffer<floatX> first(c.q_elements()), second(c.q_elements());
+        for (DeviceBuffer<floatX>* out : {&first, &second}) {
+            poison(*out);
+            flash_attention_cached_prefill(out->data(), q_dev.data(), k_dev.data(), v_dev.data(), mask, c.p0, c.nseq, c.S_new,
+                                           c.NH, c.HS, c.capacity, 0);
+            cudaCheck(cudaDeviceSynchronize());
+        }
+        const std::vector<float> flash = download(first);
+        line.add("flash", relative_error(flash, ref), kTolerance);
+        line.add("flash-attention_cached", relative_error(flash, cached), kCrossTolerance);
+        same = download_bytes(first) == download_bytes(second);
+        line.text += same ? "  rerun bitwise equal" : "  RERUN DIFFERS";
+    }
+    report(line.pass && same, "cached prefill  " + c.str() + line.text);
+}
 
-    const std::vector<float> mine = download(first), theirs = download(blocktf_out);
-    const double error = relative_error(mine, ref), blocktf_error = relative_error(theirs, ref),
-                 cross = relative_error(mine, theirs);
-    const bool same = download_bytes(first) == download_bytes(second);
-    const bool pass = error < kTolerance && blocktf_error < kTolerance && cross < kCrossTolerance && same;
-    report(pass, "cached prefill  " + c.str() + format("  out %.1e", error) + format("  attention_cached %.1e", blocktf_error) +
-                     format("  flash2-attention_cached %.1e  ", cross) + (same ? "rerun bitwise equal" : "RERUN DIFFERS"));
+// p0 = 0 and p0 > 0, left-padded prompts, a null mask, S_new 1 (one step), each head size.
+void check_cached_prefill(bool quick) {
+    const CachedShape shapes[] = {
+        {6, 130, 2, 64, 200, 0, true},  {3, 64, 2, 64, 300, 77, true}, {2, 1, 2, 64, 40, 17, true},
+        {6, 70, 1, 128, 100, 5, true},  {2, 129, 2, 32, 160, 0, false}, {6, 300, 1, 64, 400, 33, true},
+        {2, 511, 2, 128, 600, 33, true}, {6, 511, 2, 64, 544, 0, true}, {1, 2048, 2, 64, 2176, 0, true},
+    };
+    uint32_t seed = 500;
+    for (const CachedShape& c : shapes) {
+        const uint32_t check_seed = seed++;
+        if (quick && (c.S_new > 130 || c.nseq * c.NH > 8)) continue;
+        guarded("cached prefill  " + c.str(), [&] { check_cached(c, check_seed); });
+    }
 }
 
 // ----------------------------------------------------------------------------------------------------------------
-// 4. Benchmark.
+// 5. Benchmark (BF16 build).
 
 // Pseudo-random values, uniform with variance 1 (splitmix64 of the index): benchmark inputs, never zeros.
 __global__ void fill_random_kernel(floatX* x, size_t n, uint64_t seed) {
@@ -517,29 +630,38 @@ double median_ms(const std::function<void()>& run, cudaStream_t stream, int warm
     return times[repeats / 2];
 }
 
-struct BenchCase {
-    const char* name;
-    std::vector<Kind> kinds;   // each timed against the same cuBLAS-path numbers
-    Shape shape;
+struct PassTimes {
+    double forward_ms, backward_ms;
 };
+PassTimes time_path(Gpu& gpu, PathOutputs& o, const DeviceInputs& in, const Shape& s) {
+    path_forward(gpu, o, in, s);   // once first: flash's backward reads its out and lse
+    PassTimes t;
+    t.forward_ms = median_ms([&] { path_forward(gpu, o, in, s); }, gpu.stream);
+    t.backward_ms = median_ms([&] { path_backward(gpu, o, in, s); }, gpu.stream);
+    cudaCheck(cudaGetLastError());
+    return t;
+}
 
-// One row per kernel and pass: | shape | kernel | pass | fused ms | cuBLAS-path ms | speedup | fused TFLOP/s | fused GB/s |
-// FLOPs counted for the causal half: 4·S(S+1)/2·HS per (sequence, head) forward, 2.5x that backward. GB/s over the
-// compulsory bytes (each tensor read or written once: forward q, k, v, out; backward q, k, v, dout, dq, dk, dv, and for
-// flash and flash2 also out, lse, δ).
-void benchmark(const char* device_name) {
-    const BenchCase cases[] = {
-        {"block_main_b4_85 token decoder", {Kind::kSmall}, {4088, 5, 12, 64}},
-        {"block_main_b4_85 block decoder", {Kind::kFlash, Kind::kFlash2}, {8, 511, 12, 64}},
-        {"vanilla_160", {Kind::kFlash, Kind::kFlash2}, {8, 2048, 12, 64}},
-        {"block_main_b4_1.2b token decoder", {Kind::kSmall}, {16 * 511, 5, 16, 128}},
-        {"block_main_b4_1.2b block decoder", {Kind::kFlash, Kind::kFlash2}, {16, 511, 16, 128}},
+// One row per pass: | shape | path | pass | ms | matmul-path ms | speedup | TFLOP/s | matmul-path TFLOP/s | GB/s |.
+// FLOPs counted for the causal half: 4·HS·S(S+1)/2 per (sequence, head) forward, 2.5x that backward. GB/s over the
+// compulsory bytes (each tensor read or written once: forward q, k, v, out; backward q, k, v, dout, dq, dk, dv, and
+// for flash also out, lse, δ).
+void benchmark(Gpu& gpu, const char* device_name) {
+    struct BenchCase {
+        const char* name;
+        AttentionPath path;   // timed against the matmul path
+        Shape shape;          // {nseq, S, NH, HS}
     };
-    std::printf("\nBenchmark (%s build, %s): median of 20 calls after 3 warm-up calls (CUDA events), fused kernels vs "
-                "blocktf's attention_forward/backward\n\n", kPrecisionName, device_name);
-    std::printf("| shape | kernel | pass | fused ms | cuBLAS-path ms | speedup | fused TFLOP/s | fused GB/s |\n");
-    std::printf("| --- | --- | --- | --- | --- | --- | --- | --- |\n");
-    Gpu gpu;
+    const BenchCase cases[] = {
+        {"vanilla_160", AttentionPath::Flash, {8, 2048, 12, 64}},
+        {"block_main_b4_1.2b block decoder", AttentionPath::Flash, {16, 511, 16, 128}},
+        {"block_main_b4_85 token decoder", AttentionPath::Small, {4088, 5, 12, 64}},
+        {"block_main_b4_1.2b token decoder", AttentionPath::Small, {16 * 511, 5, 16, 128}},
+    };
+    std::printf("\nBenchmark (%s build, %s): median of 20 calls after 3 warm-up calls (CUDA events), each path vs "
+                "matmul_attention_forward/backward\n\n", kPrecisionName, device_name);
+    std::printf("| shape | path | pass | ms | matmul-path ms | speedup | TFLOP/s | matmul-path TFLOP/s | GB/s |\n");
+    std::printf("| --- | --- | --- | --- | --- | --- | --- | --- | --- |\n");
     for (const BenchCase& c : cases) {
         const Shape& s = c.shape;
         DeviceInputs in;
@@ -552,46 +674,35 @@ void benchmark(const char* device_name) {
         for (int& m : mask) m = rng() % 32 != 0;   // ~3% padded keys
         in.key_mask = DeviceBuffer<int>(mask.size());
         in.key_mask.upload(mask.data(), mask.size());
-        Outputs fused(s);
-        AttentionScratch scratch(s.nseq, s.NH, s.S, s.HS);
-        DeviceBuffer<floatX> out(s.elements()), dq(s.elements()), dk(s.elements()), dv(s.elements());
-
-        const double blocktf_forward_ms = median_ms([&] {
-            attention_forward(gpu, out.data(), in.q.data(), in.k.data(), in.v.data(), in.key_mask.data(), scratch, s.nseq,
-                              s.S, s.NH, s.HS);
-        }, gpu.stream);
-        const double blocktf_backward_ms = median_ms([&] {
-            attention_backward(gpu, dq.data(), dk.data(), dv.data(), in.dout.data(), in.q.data(), in.k.data(), in.v.data(),
-                               in.key_mask.data(), scratch, s.nseq, s.S, s.NH, s.HS);
-        }, gpu.stream);
-        for (Kind kind : c.kinds) {
-            // The forward once first: the backward reads its out and lse.
-            fused_forward(kind, fused, in, s, gpu.stream);
-            const double fused_forward_ms = median_ms([&] { fused_forward(kind, fused, in, s, gpu.stream); }, gpu.stream);
-            const double fused_backward_ms = median_ms([&] { fused_backward(kind, fused, in, s, gpu.stream); }, gpu.stream);
-            cudaCheck(cudaGetLastError());
-
-            const double heads = (double)s.nseq * s.NH, E = (double)s.elements(), rows = (double)s.rows();
-            const double forward_flops = heads * 4.0 * s.S * (s.S + 1) / 2.0 * s.HS;
-            const double x = sizeof(floatX);
-            const bool flash = has_lse(kind);
-            const double forward_bytes = 4 * E * x + (flash ? 4 * rows : 0);
-            const double backward_bytes = 7 * E * x + (flash ? E * x + 12 * rows : 0);
-            const std::string shape = std::string(c.name) + ": " + s.str();
-            auto row = [&](const char* pass, double fused_ms, double blocktf_ms, double flops, double bytes) {
-                std::printf("| %s | %s | %s | %.3f | %.3f | %.2fx | %.1f | %.0f |\n", shape.c_str(), kind_name(kind), pass,
-                            fused_ms, blocktf_ms, blocktf_ms / fused_ms, flops / (fused_ms * 1e9), bytes / (fused_ms * 1e6));
-            };
-            row("forward", fused_forward_ms, blocktf_forward_ms, forward_flops, forward_bytes);
-            row("backward", fused_backward_ms, blocktf_backward_ms, 2.5 * forward_flops, backward_bytes);
-            std::fflush(stdout);
+        PassTimes tested, matmul;
+        {
+            PathOutputs outputs(c.path, s);
+            tested = time_path(gpu, outputs, in, s);
         }
+        {
+            PathOutputs outputs(AttentionPath::Matmul, s);
+            matmul = time_path(gpu, outputs, in, s);
+        }
+
+        const double E = (double)s.elements(), rows = (double)s.rows(), x = sizeof(floatX);
+        const double forward_flops = (double)s.nseq * s.NH * 4.0 * s.HS * s.S * (s.S + 1) / 2.0;
+        const bool flash = c.path == AttentionPath::Flash;
+        const double forward_bytes = 4 * E * x + (flash ? 4 * rows : 0);
+        const double backward_bytes = 7 * E * x + (flash ? E * x + 12 * rows : 0);
+        const std::string shape = std::string(c.name) + ": " + s.str();
+        auto row = [&](const char* pass, double ms, double matmul_ms, double flops, double bytes) {
+            std::printf("| %s | %s | %s | %.3f | %.3f | %.2fx | %.1f | %.1f | %.0f |\n", shape.c_str(), path_name(c.path), pass,
+                        ms, matmul_ms, matmul_ms / ms, flops / (ms * 1e9), flops / (matmul_ms * 1e9), bytes / (ms * 1e6));
+        };
+        row("forward", tested.forward_ms, matmul.forward_ms, forward_flops, forward_bytes);
+        row("backward", tested.backward_ms, matmul.backward_ms, 2.5 * forward_flops, backward_bytes);
+        std::fflush(stdout);
     }
 }
 
-// Generation's prefill: flash2_attention_cached_prefill vs blocktf's attention_cached, at p0 = 0 with left-padded
-// prompts (sequence s masks its first (37 s) % 128 positions). FLOPs: 4·HS per visible-by-causality (query, position)
-// pair, S_new(S_new+1)/2 + p0·S_new pairs per (sequence, head).
+// Generation's prefill: flash_attention_cached_prefill vs attention_cached, at p0 = 0 with left-padded prompts
+// (sequence s masks its first (37 s) % 128 positions). FLOPs: 4·HS per visible-by-causality (query, position) pair,
+// S_new(S_new+1)/2 + p0·S_new pairs per (sequence, head).
 void benchmark_cached(const char* device_name) {
     struct CachedCase {
         const char* name;
@@ -601,9 +712,9 @@ void benchmark_cached(const char* device_name) {
         {"vanilla generation prefill, P 2048", {256, 2048, 12, 64, 2176, 0, true}},
         {"block decoder generation prefill, 512 blocks", {2048, 512, 12, 64, 544, 0, true}},
     };
-    std::printf("\nBenchmark (cached prefill, %s build, %s): flash2_attention_cached_prefill (median of 10 calls after 2 "
+    std::printf("\nBenchmark (cached prefill, %s build, %s): flash_attention_cached_prefill (median of 10 calls after 2 "
                 "warm-up calls) vs attention_cached (median of 3 after 1)\n\n", kPrecisionName, device_name);
-    std::printf("| shape | flash2 ms | attention_cached ms | speedup | flash2 TFLOP/s | attention_cached TFLOP/s |\n");
+    std::printf("| shape | flash ms | attention_cached ms | speedup | flash TFLOP/s | attention_cached TFLOP/s |\n");
     std::printf("| --- | --- | --- | --- | --- | --- |\n");
     cudaStream_t stream = 0;
     for (const CachedCase& c : cases) {
@@ -617,18 +728,19 @@ void benchmark_cached(const char* device_name) {
             for (int j = 0; j < (37 * seq) % 128; j++) mask[(size_t)seq * s.capacity + j] = 0;
         DeviceBuffer<int> key_mask(mask.size());
         key_mask.upload(mask.data(), mask.size());
-        const double flash2_ms = median_ms([&] {
-            flash2_attention_cached_prefill(out.data(), q.data(), k_cache.data(), v_cache.data(), key_mask.data(), s.p0, s.nseq,
-                                            s.S_new, s.NH, s.HS, s.capacity, stream);
+        const double flash_ms = median_ms([&] {
+            flash_attention_cached_prefill(out.data(), q.data(), k_cache.data(), v_cache.data(), key_mask.data(), s.p0, s.nseq,
+                                           s.S_new, s.NH, s.HS, s.capacity, stream);
         }, stream, 2, 10);
         const double cached_ms = median_ms([&] {
             attention_cached(out.data(), q.data(), k_cache.data(), v_cache.data(), key_mask.data(), nullptr, s.p0, s.nseq,
                              s.S_new, s.NH, s.HS, s.capacity, stream);
         }, stream, 1, 3);
         cudaCheck(cudaGetLastError());
-        const double flops = (double)s.nseq * s.NH * 4.0 * s.HS * ((double)s.S_new * (s.S_new + 1) / 2.0 + (double)s.p0 * s.S_new);
-        std::printf("| %s: %s | %.3f | %.3f | %.1fx | %.1f | %.1f |\n", c.name, s.str().c_str(), flash2_ms, cached_ms,
-                    cached_ms / flash2_ms, flops / (flash2_ms * 1e9), flops / (cached_ms * 1e9));
+        const double pairs = (double)s.S_new * (s.S_new + 1) / 2.0 + (double)s.p0 * s.S_new;   // per (sequence, head)
+        const double flops = (double)s.nseq * s.NH * 4.0 * s.HS * pairs;
+        std::printf("| %s: %s | %.3f | %.3f | %.1fx | %.1f | %.1f |\n", c.name, s.str().c_str(), flash_ms, cached_ms,
+                    cached_ms / flash_ms, flops / (flash_ms * 1e9), flops / (cached_ms * 1e9));
         std::fflush(stdout);
     }
 }
@@ -636,14 +748,17 @@ void benchmark_cached(const char* device_name) {
 }  // namespace
 
 int main(int argc, char** argv) {
-    bool quick = false, bench = true;
+    bool quick = false, bench = kFlashAttentionBuild;   // the benchmark times flash attention: BF16 build only
     for (int a = 1; a < argc; a++) {
         const std::string arg = argv[a];
         if (arg == "--quick") { quick = true; bench = false; }
         else if (arg == "--no-bench") bench = false;
         else {
-            std::fprintf(stderr, "usage: %s [--quick] [--no-bench]\n", argv[0]);
-            return 2;
+            const bool help = arg == "--help";
+            std::fprintf(help ? stdout : stderr, "usage: %s [--quick] [--no-bench]\n"
+                         "  --quick     a few small shapes, no benchmark (for compute-sanitizer)\n"
+                         "  --no-bench  every check, no benchmark (the FP32 build never runs it)\n", argv[0]);
+            return help ? 0 : 2;
         }
     }
     try {
@@ -654,72 +769,32 @@ int main(int argc, char** argv) {
         }
         cudaDeviceProp prop;
         cudaCheck(cudaGetDeviceProperties(&prop, 0));
-        std::printf("test_attention: %s build on %s; tolerance %.0e on ||gpu - ref|| / ||ref|| per output (fused vs "
-                    "blocktf: %.0e)%s\n", kPrecisionName, prop.name, kTolerance, kCrossTolerance, quick ? "; quick set" : "");
-        std::printf("Each line: kernel, shape, relative error of out (lse) dq dk dv against a double-precision reference, "
-                    "and whether a second run gave the same bits.\n\n");
+        std::printf("test_attention: %s build on %s; tolerance %.0e on ||gpu - ref|| / ||ref|| per output (one path vs "
+                    "another: %.0e)%s\n", kPrecisionName, prop.name, kTolerance, kCrossTolerance, quick ? "; quick set" : "");
+        std::printf("Paths: small (S <= 16), %s, matmul. Each line: path, shape, relative error of out (lse) dq dk dv "
+                    "against a double-precision reference, and whether a second run gave the same bits.\n\n",
+                    kFlashAttentionBuild ? "flash" : "flash (BF16 build only: checked to refuse)");
+        Gpu gpu;
         uint32_t seed = 100;
+        for (const Shape& shape : checked_shapes(quick)) check_shape(gpu, shape, seed++);
 
-        // Small kernels: every S x HS of the brief, NH 1..4, nseq 64 / 37 / 5 in turn.
-        const int small_S[] = {1, 2, 5, 9, 16}, small_HS[] = {16, 32, 64, 128}, small_nseq[] = {64, 37, 5};
-        int index = 0;
-        for (int S : small_S)
-            for (int HS : small_HS) {
-                const Shape shape{small_nseq[index % 3], S, 1 + index % 4, HS};
-                index++;
-                if (quick && !(S == 5 || S == 16)) continue;
-                const Shape checked = quick ? Shape{7, S, 3, HS} : shape;
-                const uint32_t check_seed = seed++;
-                guarded("small  " + checked.str(), [&] { check_fused(Kind::kSmall, checked, check_seed); });
-            }
+        std::printf("\nFlash attention refuses what it does not serve:\n");
+        guarded("flash refusals", check_flash_refusals);
 
-        // Flash and flash2 kernels: S 1, 7, 64, 130, 511 with nseq 3, NH 2; S 2048 with nseq 1, NH 2; each HS.
-        const int flash_S[] = {1, 7, 64, 130, 511, 2048}, flash_HS[] = {32, 64, 128};
-        for (Kind kind : {Kind::kFlash, Kind::kFlash2}) {
-            if (kind == Kind::kFlash2) seed = 300;   // the flash checks keep their seeds
-            for (int S : flash_S)
-                for (int HS : flash_HS) {
-                    if (quick && S > 130) continue;
-                    const Shape shape = S == 2048 ? Shape{1, S, 2, HS} : quick ? Shape{3, S, 1, HS} : Shape{3, S, 2, HS};
-                    const uint32_t check_seed = seed++;
-                    guarded(std::string(kind_name(kind)) + "  " + shape.str(), [&] { check_fused(kind, shape, check_seed); });
-                }
-        }
+        std::printf("\nCached prefill against the reference%s (relative errors of out; NaN in every cache slot that must "
+                    "not be read):\n", kFlashAttentionBuild ? ", flash_attention_cached_prefill against attention_cached" : "");
+        check_cached_prefill(quick);
 
-        if (!quick) {
-            std::printf("\nCross-check against blocktf's cuBLAS attention (relative error fused vs blocktf, then in brackets "
-                        "blocktf vs the reference):\n");
-            const Shape small_shape{64, 5, 4, 64}, flash_shape{4, 300, 3, 64}, flash_shape_128{2, 300, 2, 128};
-            guarded("small vs blocktf", [&] { check_against_blocktf(Kind::kSmall, small_shape, 900); });
-            guarded("flash vs blocktf", [&] { check_against_blocktf(Kind::kFlash, flash_shape, 901); });
-            guarded("flash2 vs blocktf", [&] { check_against_blocktf(Kind::kFlash2, flash_shape, 902); });
-            guarded("flash2 vs blocktf", [&] { check_against_blocktf(Kind::kFlash2, flash_shape_128, 903); });
-        }
-
-        // Cached prefill: p0 = 0 and p0 > 0, left-padded prompts, a null mask, S_new 1 (one step), each HS.
-        std::printf("\nCached prefill (flash2_attention_cached_prefill) against the reference and blocktf's attention_cached "
-                    "(relative errors of out; NaN in every cache slot that must not be read):\n");
-        const CachedShape cached_shapes[] = {
-            {6, 130, 2, 64, 200, 0, true},  {3, 64, 2, 64, 300, 77, true}, {2, 1, 2, 64, 40, 17, true},
-            {6, 70, 1, 128, 100, 5, true},  {2, 129, 2, 32, 160, 0, false}, {6, 300, 1, 64, 400, 33, true},
-            {2, 511, 2, 128, 600, 33, true}, {6, 511, 2, 64, 544, 0, true}, {1, 2048, 2, 64, 2176, 0, true},
-        };
-        seed = 500;
-        for (const CachedShape& c : cached_shapes) {
-            const uint32_t check_seed = seed++;
-            if (quick && (c.S_new > 130 || c.nseq * c.NH > 8)) continue;
-            guarded("cached prefill  " + c.str(), [&] { check_cached(c, check_seed); });
-        }
-
-        std::printf("\n%s: %d of %d checks passed%s\n", g_failures == 0 ? "ALL PASSED" : "FAILURES", g_checks - g_failures,
-                    g_checks, g_failures == 0 ? "" : " (lines starting with FAIL above)");
         if (bench) {
-            benchmark(prop.name);
-            benchmark_cached(prop.name);
+            guarded("benchmark", [&] {
+                benchmark(gpu, prop.name);
+                benchmark_cached(prop.name);
+            });
         }
     } catch (const std::exception& e) {
-        std::printf("FAIL  exception: %s\n", e.what());
-        return 1;
+        report(false, std::string("exception: ") + e.what());
     }
+    if (g_failures == 0) std::printf("\nALL PASSED: %d checks\n", g_checks);
+    else std::printf("\nFAILURES: %d of %d checks failed (lines starting with FAIL above)\n", g_failures, g_checks);
     return g_failures == 0 ? 0 : 1;
 }
