@@ -331,6 +331,8 @@ def run_check(args, device):
     if args.dtype != "fp32":
         print("# --check compares exact greedy tokens; it runs in fp32 whatever --dtype says", file=sys.stderr)
     torch.manual_seed(0)
+    torch.backends.cuda.matmul.allow_tf32 = False   # exact fp32 comparisons (on the H200 the checks saw 3e-4 with it)
+    torch.backends.cudnn.allow_tf32 = False
     failures = 0
 
     def report(name, ok, detail):
@@ -404,6 +406,8 @@ def main():
     args = ap.parse_args()
     device = torch.device(args.device)
     if device.type == "cuda":
+        if device.index is None:   # "cuda" means the current GPU; set_device and the memory counters want an index
+            device = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(device)
         print(f"# {torch.cuda.get_device_name(device)}, torch {torch.__version__}", file=sys.stderr)
     if args.check:

@@ -15,8 +15,9 @@
 #   COMPILE=0     skip the torch.compile training runs;  BLOCKTF=0 or PYTORCH=0 skip one side
 #   PY            python with torch 2.11 + transformers 5.17 + CUDA (python3)
 #   DEVICE, DTYPE the PyTorch runner's --device and --dtype (cuda, bf16; DEVICE=cpu DTYPE=fp32 for a dry run)
-# Every table row goes to $LOGS/rows.md and every command's output to $LOGS/<name>.log, LOGS = $OUT/side_by_side
-# ($OUT: the device tool's output folder) or /tmp/side_by_side.  Rows of several runs combine into one table:
+# Every table row goes to $LOGS/rows.md and every command's output to $LOGS/<name>.log, LOGS = /tmp/side_by_side
+# unless set; rows.md is also copied to $OUT when that is set (the device tool's output folder brings back only a
+# few files, so the logs stay on the machine).  Rows of several runs combine into one table:
 #   python3 dev/bench/ratio_table.py first/rows.md second/rows.md
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -31,7 +32,7 @@ runs=${RUNS:-5}
 py=${PY:-python3}
 device=${DEVICE:-cuda}
 dtype=${DTYPE:-bf16}
-logs=${OUT:-/tmp}/side_by_side
+logs=${LOGS:-/tmp/side_by_side}
 mkdir -p "$logs"
 rows="$logs/rows.md"
 : >"$rows"
@@ -106,6 +107,7 @@ for part in "${parts[@]}"; do
     esac
 done
 
+[ -n "${OUT:-}" ] && cp "$rows" "$OUT/rows.md"
 echo
 echo "## blocktf vs PyTorch, $(head -1 "$logs/gpu.txt" 2>/dev/null | cut -d, -f1), $(date -u +%Y-%m-%d)"
 echo
