@@ -3195,67 +3195,75 @@ __global__ void rope_append_kv_kernel(floatX* q, floatX* k_cache, floatX* v_cach
 // A query row (sequence, query, head) gets kWarpsPerRow warps of a kAttentionWarps-warp block (so a block serves
 // kAttentionWarps / kWarpsPerRow rows): 8 for a long cache (the block decoder), 1 for a short one (the token
 // decoder's few positions, where more warps would only wait). The row's warps take turns over chunks of 32 keys with
-// an online softmax each, and their partial results are merged at the end. Within a chunk a lane scores one key
-// (its row read as 16-byte vectors); for the weighted sum of values the warp reads kRowsPerPass value rows at once,
-// kLanesPerRow lanes a row, each lane a 16-byte vector of it, and the row groups are summed by shuffles at the end.
-// A query that sees no key outputs 0, as the reference does.
+// an online softmax each, and their partial results are merged at the end. Keys and values are read the same way,
+// coalesced: a pass covers kRowsPerPass cache rows, kLanesPerRow lanes a row, each lane one 16-byte part of it. For
+// the scores each lane holds the matching part of q in registers, the row's lanes sum their partial dot products by
+// shuffles, and lane j of the warp collects key j's score; for the weighted sum of values the row groups' partial
+// sums are added by shuffles at the end. A query that sees no key outputs 0, as the reference does.
 constexpr int kAttentionWarps = 8;
 
 template <int HS, int kWarpsPerRow>
 __global__ void __launch_bounds__(kAttentionWarps * 32)
 attention_cached_kernel(floatX* out, const floatX* q, const floatX* k_cache, const floatX* v_cache, const int* key_mask,
                         const int* dyn_pos, int pos_offset, size_t rows, int S_new, int NH, int capacity, float scale) {
-    constexpr int kLanesPerRow = HS / kPack;       // lanes that hold one value row between them
+    constexpr int kLanesPerRow = HS / kPack;       // lanes that hold one cache row between them
     constexpr int kRowsPerPass = 32 / kLanesPerRow;
     constexpr int kRowsPerBlock = kAttentionWarps / kWarpsPerRow;
     static_assert(HS % kPack == 0 && 32 % kLanesPerRow == 0, "a row must be whole 16-byte vectors, a warp whole rows");
-    __shared__ float q_s[kRowsPerBlock][HS];
     __shared__ float m_s[kAttentionWarps], l_s[kAttentionWarps], o_s[kAttentionWarps][HS];
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int local_row = warp / kWarpsPerRow, rank = warp % kWarpsPerRow;   // this warp's row, its place among the row's warps
     const int row_thread = rank * 32 + lane;                                  // thread index among the row's threads
     const size_t row = (size_t)blockIdx.x * kRowsPerBlock + local_row;        // ((seq * S_new) + i) * NH + h
-    const bool active = row < rows;                                           // no early return: barriers follow
+    const bool active = row < rows;                                           // no early return: a barrier follows
     const int h = row % NH, i = (row / NH) % S_new;
     const size_t seq = row / ((size_t)NH * S_new);
-    const int row_in_pass = lane / kLanesPerRow, part = lane % kLanesPerRow;   // value row and 16-byte part of it
+    const int row_in_pass = lane / kLanesPerRow, part = lane % kLanesPerRow;   // cache row of a pass, 16-byte part of it
     const int last = active ? min((dyn_pos ? *dyn_pos : 0) + pos_offset + i, capacity - 1) : -1;   // newest visible position
-    for (int d = row_thread; d < HS && active; d += kWarpsPerRow * 32) q_s[local_row][d] = to_f32(q[row * HS + d]) * scale;
-    __syncthreads();
+    float q_part[kPack];   // this lane's part of q, times the scale
+    {
+        const FloatXPack packed = active ? reinterpret_cast<const FloatXPack*>(q + row * HS)[part] : FloatXPack{};
+#pragma unroll
+        for (int e = 0; e < kPack; e++) q_part[e] = to_f32(packed.x[e]) * scale;
+    }
 
     const floatX* keys = k_cache + (seq * NH + h) * capacity * HS;
     const floatX* values = v_cache + (seq * NH + h) * capacity * HS;
     const int* mask = key_mask ? key_mask + seq * capacity : nullptr;
-    const float* q_row = q_s[local_row];
+    auto visible = [&](int j) { return j <= last && (mask == nullptr || mask[j] != 0); };
     float m = -INFINITY, l = 0.0f, o[kPack];   // o: dims part*kPack.. of this lane's rows' weighted sum
 #pragma unroll
     for (int e = 0; e < kPack; e++) o[e] = 0.0f;
     for (int base = rank * 32; base <= last; base += kWarpsPerRow * 32) {
-        const int j = base + lane;
-        const bool visible = j <= last && (mask == nullptr || mask[j] != 0);
-        float score = -INFINITY;
-        if (visible) {
-            const FloatXPack* k = reinterpret_cast<const FloatXPack*>(keys + (size_t)j * HS);
+        float score = -INFINITY;   // lane j: key base + j
+#pragma unroll
+        for (int first = 0; first < 32; first += kRowsPerPass) {
+            if (base + first > last) break;   // the same for every lane
+            const int j = base + first + row_in_pass;
             float dot = 0.0f;
+            if (visible(j)) {   // an invisible key is never read
+                const FloatXPack packed = reinterpret_cast<const FloatXPack*>(keys + (size_t)j * HS)[part];
 #pragma unroll
-            for (int c = 0; c < HS / kPack; c++) {
-                const FloatXPack packed = k[c];
-#pragma unroll
-                for (int e = 0; e < kPack; e++) dot += q_row[c * kPack + e] * to_f32(packed.x[e]);
+                for (int e = 0; e < kPack; e++) dot += q_part[e] * to_f32(packed.x[e]);
             }
-            score = dot;
+#pragma unroll
+            for (int offset = 1; offset < kLanesPerRow; offset *= 2) dot += __shfl_xor_sync(0xffffffff, dot, offset);
+            const float key_score = __shfl_sync(0xffffffff, dot, (lane % kRowsPerPass) * kLanesPerRow);
+            if (lane / kRowsPerPass == first / kRowsPerPass) score = key_score;
         }
+        if (!visible(base + lane)) score = -INFINITY;
         const float chunk_max = warp_max(score);
         if (chunk_max == -INFINITY) continue;   // no visible key in this chunk: the same for every lane
         const float m_new = fmaxf(m, chunk_max);
         const float correction = expf(m - m_new);   // 0 while m is still -inf
-        const float p = visible ? expf(score - m_new) : 0.0f;
+        const float p = expf(score - m_new);        // 0 for an invisible key (score -inf)
         l = l * correction + warp_sum(p);
 #pragma unroll
         for (int e = 0; e < kPack; e++) o[e] *= correction;
         // kRowsPerPass rows per pass, unrolled so several loads are in flight; an invisible key (p = 0) is never read.
 #pragma unroll
         for (int first = 0; first < 32; first += kRowsPerPass) {
+            if (base + first > last) break;
             const int jj = first + row_in_pass;
             const float pj = __shfl_sync(0xffffffff, p, jj);
             if (pj != 0.0f) {
