@@ -1088,7 +1088,7 @@ __device__ __forceinline__ unsigned char* dynamic_smem() {
     return flash_smem;
 }
 
-// d (16 x 8 fp32 C fragment) += a (16 x 16 bf16 A fragment) · (b0, b1) (16 x 8 bf16 B fragment). Layouts: top of file.
+// d (16 x 8 fp32 C fragment) += a (16 x 16 bf16 A fragment) · (b0, b1) (16 x 8 bf16 B fragment). Layouts: the flash section's header.
 __device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
     asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
                  "{%0, %1, %2, %3};\n"
@@ -1154,7 +1154,7 @@ __device__ __forceinline__ float bf16_bits_to_float(uint32_t bits) {
 template <int HS>
 struct Tile {
     static_assert(HS == 32 || HS == 64 || HS == 128, "head size 32, 64 or 128");
-    static constexpr int kLd = HS + 8;                 // row stride in elements (16-byte pad: see the top of file)
+    static constexpr int kLd = HS + 8;                 // row stride in elements (16-byte pad: see the flash section's header)
     static constexpr int kRowBytes = kLd * 2;
     static constexpr int kChunksPerRow = HS / 8;       // 16-byte chunks per row
     __host__ __device__ static constexpr uint32_t bytes(int rows) { return (uint32_t)rows * kRowBytes; }
@@ -1279,7 +1279,7 @@ __device__ __forceinline__ void mma_a_b(float (&acc)[kGroups][N / 8][4], const u
         }
 }
 
-// C fragments of a (16 x N) fp32 result -> A fragments (bf16) of the same matrix as a left operand (top of file).
+// C fragments of a (16 x N) fp32 result -> A fragments (bf16) of the same matrix as a left operand (the flash section's header).
 template <int N>
 __device__ __forceinline__ void c_to_a(uint32_t (&a)[N / 16][4], const float (&c)[N / 8][4]) {
 #pragma unroll
@@ -1366,7 +1366,7 @@ struct ForwardParams {
     float scale_log2;           // HS^-0.5 · log2(e)
 };
 
-// Block (head = seq * NH + h, query tile). See the top of the file for the scheme.
+// Block (head = seq * NH + h, query tile). The scheme: the flash section's header.
 template <int HS>
 __device__ __forceinline__ void forward_block(const ForwardParams& p, int head, int tile) {
     using C = ForwardConfig<HS>;
