@@ -101,6 +101,13 @@ TEST_CASE("model: config errors name the problem") {
     c = config_by_name("tiny_block");
     c.DE = 10;
     CHECK_THROWS_WITH_AS(validate_config(c), doctest::Contains("block length * embedder width"), std::runtime_error);
+    // the GPU reads rows as 16-byte vectors: widths and head sizes are multiples of 8
+    c = config_by_name("tiny_block");
+    c.token_decoder.I = 100;
+    CHECK_THROWS_WITH_AS(validate_config(c), doctest::Contains("MLP width 100 and head size 16 must be multiples of 8"), std::runtime_error);
+    c = config_by_name("tiny_block");
+    c.block_decoder.NH = 4;   // head size 48 / 4 = 12
+    CHECK_THROWS_WITH_AS(validate_config(c), doctest::Contains("head size 12 must be multiples of 8"), std::runtime_error);
 }
 
 TEST_CASE("model: learning-rate schedule, warmup then cosine to 10% (SPEC 3.4)") {
