@@ -588,64 +588,68 @@ __device__ inline float rope_element(const floatX* u, int d, int rot, const floa
     return low ? x * cos_row[m] - direction * partner * sin_row[m] : x * cos_row[m] + direction * partner * sin_row[m];
 }
 
+// The pack of head row u (HS values) that starts at dim d0, rotated element by element as rope_element does (a pack
+// past the rotary slice is returned as it is).
+__device__ inline FloatXPack rope_pack(const floatX* u, int d0, int rot, const float* cos_row, const float* sin_row,
+                                       float direction) {
+    FloatXPack packed = *reinterpret_cast<const FloatXPack*>(u + d0);
+    if (d0 < rot)
+#pragma unroll
+        for (int e = 0; e < kPack; e++) packed.x[e] = to_floatX(rope_element(u, d0 + e, rot, cos_row, sin_row, direction));
+    return packed;
+}
+
+// Pack t of the fused QKV layout's q part, (nseq, S, NH, HS) in packs of kPack: its head row (seq, s, h) and first dim.
+struct HeadPack {
+    size_t fused_row, seq;   // fused_row = (seq * S + s) * NH + h
+    int s, h, d0;
+};
+__device__ inline HeadPack head_pack(size_t t, int S, int NH, int HS) {
+    const int packs_per_head = HS / kPack;
+    HeadPack p;
+    p.fused_row = t / packs_per_head;
+    p.d0 = (int)(t % packs_per_head) * kPack;
+    p.h = p.fused_row % NH;
+    const size_t token = p.fused_row / NH;
+    p.s = token % S;
+    p.seq = token / S;
+    return p;
+}
+
 // One thread per 16-byte pack of q (and the same pack of k and v); a rotated element reads its partner from the same
 // head row (rope_element). HS is a multiple of kPack (validate_config).
 __global__ void rope_split_heads_kernel(floatX* q, floatX* k, floatX* v, const floatX* qkv, const float* cos_table,
                                         const float* sin_table, int nseq, int S, int NH, int HS, int rot) {
-    const int packs_per_head = HS / kPack;
-    const size_t packs = (size_t)nseq * S * NH * packs_per_head;
+    const size_t packs = (size_t)nseq * S * NH * HS / kPack;
     const int half = rot / 2;
     GRID_STRIDE_LOOP(t, packs) {
-        const size_t fused_row = t / packs_per_head;   // (seq, s, h) of the fused layout
-        const int d0 = (int)(t % packs_per_head) * kPack;
-        const int h = fused_row % NH;
-        const size_t token = fused_row / NH;
-        const int s = token % S;
-        const size_t seq = token / S;
-        const floatX* row = qkv + fused_row * 3 * HS;
-        const size_t out = ((seq * NH + h) * S + s) * HS + d0;
-        *reinterpret_cast<FloatXPack*>(v + out) = *reinterpret_cast<const FloatXPack*>(row + 2 * HS + d0);
-        for (int part = 0; part < 2; part++) {
-            const floatX* u = row + part * HS;
-            FloatXPack packed = *reinterpret_cast<const FloatXPack*>(u + d0);
-            if (d0 < rot)
-#pragma unroll
-                for (int e = 0; e < kPack; e++)
-                    packed.x[e] = to_floatX(rope_element(u, d0 + e, rot, cos_table + s * half, sin_table + s * half, 1.0f));
-            *reinterpret_cast<FloatXPack*>((part == 0 ? q : k) + out) = packed;
-        }
+        const HeadPack p = head_pack(t, S, NH, HS);
+        const floatX* row = qkv + p.fused_row * 3 * HS;
+        const size_t out = ((p.seq * NH + p.h) * S + p.s) * HS + p.d0;
+        *reinterpret_cast<FloatXPack*>(v + out) = *reinterpret_cast<const FloatXPack*>(row + 2 * HS + p.d0);
+        for (int part = 0; part < 2; part++)
+            *reinterpret_cast<FloatXPack*>((part == 0 ? q : k) + out) =
+                rope_pack(row + part * HS, p.d0, rot, cos_table + p.s * half, sin_table + p.s * half, 1.0f);
     }
 }
 
 __global__ void rope_merge_heads_backward_kernel(floatX* dqkv, const floatX* dq, const floatX* dk, const floatX* dv,
                                                  const float* cos_table, const float* sin_table, int nseq, int S, int NH,
                                                  int HS, int rot) {
-    const int packs_per_head = HS / kPack;
-    const size_t packs = (size_t)nseq * S * NH * packs_per_head;
+    const size_t packs = (size_t)nseq * S * NH * HS / kPack;
     const int half = rot / 2;
     GRID_STRIDE_LOOP(t, packs) {
-        const size_t fused_row = t / packs_per_head;
-        const int d0 = (int)(t % packs_per_head) * kPack;
-        const int h = fused_row % NH;
-        const size_t token = fused_row / NH;
-        const int s = token % S;
-        const size_t seq = token / S;
-        floatX* row = dqkv + fused_row * 3 * HS;
-        const size_t head_row = ((seq * NH + h) * S + s) * HS;
-        *reinterpret_cast<FloatXPack*>(row + 2 * HS + d0) = *reinterpret_cast<const FloatXPack*>(dv + head_row + d0);
-        for (int part = 0; part < 2; part++) {
-            const floatX* u = (part == 0 ? dq : dk) + head_row;
-            FloatXPack packed = *reinterpret_cast<const FloatXPack*>(u + d0);
-            if (d0 < rot)
-#pragma unroll
-                for (int e = 0; e < kPack; e++)
-                    packed.x[e] = to_floatX(rope_element(u, d0 + e, rot, cos_table + s * half, sin_table + s * half, -1.0f));
-            *reinterpret_cast<FloatXPack*>(row + part * HS + d0) = packed;
-        }
+        const HeadPack p = head_pack(t, S, NH, HS);
+        floatX* row = dqkv + p.fused_row * 3 * HS;
+        const size_t head_row = ((p.seq * NH + p.h) * S + p.s) * HS;
+        *reinterpret_cast<FloatXPack*>(row + 2 * HS + p.d0) = *reinterpret_cast<const FloatXPack*>(dv + head_row + p.d0);
+        for (int part = 0; part < 2; part++)
+            *reinterpret_cast<FloatXPack*>(row + part * HS + p.d0) =
+                rope_pack((part == 0 ? dq : dk) + head_row, p.d0, rot, cos_table + p.s * half, sin_table + p.s * half, -1.0f);
     }
 }
 
-// Launch geometry of the two kernels above: one thread per pack of the (nseq, S, NH, HS) q.
+// Launch geometry of the RoPE kernels (these two and rope_append_kv's): one thread per pack of the (nseq, S, NH, HS) q.
 inline int rope_heads_grid(int nseq, int S, int NH, int HS) {
     if (HS % kPack != 0) throw std::runtime_error("RoPE: head size " + std::to_string(HS) + " is not a multiple of " + std::to_string(kPack));
     return grid_for((size_t)nseq * S * NH * HS / kPack, 256);
@@ -2219,17 +2223,19 @@ __device__ inline SoftmaxStats softmax_merge(SoftmaxStats a, SoftmaxStats b) {
     if (m == -INFINITY) return a;   // neither has seen a value
     return {m, a.sum * expf(a.max - m) + b.sum * expf(b.max - m)};
 }
-// Over a thread block (every thread gets the result). shared: at least 32 SoftmaxStats.
-__device__ inline SoftmaxStats block_softmax_merge(SoftmaxStats x, SoftmaxStats* shared) {
-    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
-    for (int offset = 16; offset > 0; offset >>= 1)
-        x = softmax_merge(x, {__shfl_xor_sync(0xffffffff, x.max, offset), __shfl_xor_sync(0xffffffff, x.sum, offset)});
-    if (lane == 0) shared[warp] = x;
-    __syncthreads();
-    x = lane < warps ? shared[lane] : SoftmaxStats{-INFINITY, 0.0f};
+// Over a warp, then over a thread block (every thread gets the result; shared: at least 32 SoftmaxStats), as
+// warp_sum and block_sum do for sums.
+__device__ inline SoftmaxStats warp_softmax_merge(SoftmaxStats x) {
     for (int offset = 16; offset > 0; offset >>= 1)
         x = softmax_merge(x, {__shfl_xor_sync(0xffffffff, x.max, offset), __shfl_xor_sync(0xffffffff, x.sum, offset)});
     return x;
+}
+__device__ inline SoftmaxStats block_softmax_merge(SoftmaxStats x, SoftmaxStats* shared) {
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
+    x = warp_softmax_merge(x);
+    if (lane == 0) shared[warp] = x;
+    __syncthreads();
+    return warp_softmax_merge(lane < warps ? shared[lane] : SoftmaxStats{-INFINITY, 0.0f});
 }
 
 // kVec4: V % 4 == 0, so every row starts 16-byte aligned and is read as float4 (and its gradient written 4 at a time).
@@ -3159,33 +3165,21 @@ inline std::unique_ptr<InferenceModel> load_inference_model(const std::string& p
 __global__ void rope_append_kv_kernel(floatX* q, floatX* k_cache, floatX* v_cache, const floatX* qkv, const float* cos_table,
                                       const float* sin_table, const int* pos_shift, const int* dyn_pos, int pos_offset,
                                       int nseq, int S_new, int NH, int HS, int rot, int capacity) {
-    const int packs_per_head = HS / kPack;
-    const size_t packs = (size_t)nseq * S_new * NH * packs_per_head;
+    const size_t packs = (size_t)nseq * S_new * NH * HS / kPack;
     const int half = rot / 2;
     const int p0 = (dyn_pos ? *dyn_pos : 0) + pos_offset;
     GRID_STRIDE_LOOP(t, packs) {
-        const size_t head_row = t / packs_per_head;   // (seq, s, h)
-        const int d0 = (int)(t % packs_per_head) * kPack;
-        const int h = head_row % NH;
-        const size_t token = head_row / NH;
-        const int s = token % S_new;
-        const size_t seq = token / S_new;
-        const int p = p0 + s;
+        const HeadPack hp = head_pack(t, S_new, NH, HS);
+        const int p = p0 + hp.s;
         if (p >= capacity) continue;   // the host sizes caches so this never happens; it only guards memory
-        const int angle_p = max(0, p - (pos_shift ? pos_shift[seq] : 0));   // pads before position 0 are masked
+        const int angle_p = max(0, p - (pos_shift ? pos_shift[hp.seq] : 0));   // pads before position 0 are masked
         const float* cos_row = cos_table + (size_t)angle_p * half;
         const float* sin_row = sin_table + (size_t)angle_p * half;
-        const floatX* row = qkv + head_row * 3 * HS;   // head h of token (seq, s) in the fused layout
-        const size_t cached = ((seq * NH + h) * capacity + p) * HS + d0;
-        *reinterpret_cast<FloatXPack*>(v_cache + cached) = *reinterpret_cast<const FloatXPack*>(row + 2 * HS + d0);
-        for (int part = 0; part < 2; part++) {
-            const floatX* u = row + part * HS;
-            FloatXPack packed = *reinterpret_cast<const FloatXPack*>(u + d0);
-            if (d0 < rot)
-#pragma unroll
-                for (int e = 0; e < kPack; e++) packed.x[e] = to_floatX(rope_element(u, d0 + e, rot, cos_row, sin_row, 1.0f));
-            *reinterpret_cast<FloatXPack*>(part == 0 ? q + head_row * HS + d0 : k_cache + cached) = packed;
-        }
+        const floatX* row = qkv + hp.fused_row * 3 * HS;   // head h of token (seq, s) in the fused layout
+        const size_t cached = ((hp.seq * NH + hp.h) * capacity + p) * HS + hp.d0;
+        *reinterpret_cast<FloatXPack*>(v_cache + cached) = *reinterpret_cast<const FloatXPack*>(row + 2 * HS + hp.d0);
+        *reinterpret_cast<FloatXPack*>(q + hp.fused_row * HS + hp.d0) = rope_pack(row, hp.d0, rot, cos_row, sin_row, 1.0f);
+        *reinterpret_cast<FloatXPack*>(k_cache + cached) = rope_pack(row + HS, hp.d0, rot, cos_row, sin_row, 1.0f);
     }
 }
 
@@ -3305,9 +3299,7 @@ attention_cached_kernel(floatX* out, const floatX* q, const floatX* k_cache, con
 inline void rope_append_kv(floatX* q, floatX* k_cache, floatX* v_cache, const floatX* qkv, const float* cos_table,
                            const float* sin_table, const int* pos_shift, const int* dyn_pos, int pos_offset, int nseq,
                            int S_new, int NH, int HS, int rot, int capacity, cudaStream_t stream) {
-    if (HS % kPack != 0) throw std::runtime_error("rope_append_kv: head size " + std::to_string(HS) + " is not a multiple of " + std::to_string(kPack));
-    const size_t packs = (size_t)nseq * S_new * NH * HS / kPack;
-    rope_append_kv_kernel<<<grid_for(packs, 256), 256, 0, stream>>>(q, k_cache, v_cache, qkv, cos_table, sin_table, pos_shift,
+    rope_append_kv_kernel<<<rope_heads_grid(nseq, S_new, NH, HS), 256, 0, stream>>>(q, k_cache, v_cache, qkv, cos_table, sin_table, pos_shift,
                                                                 dyn_pos, pos_offset, nseq, S_new, NH, HS, rot, capacity);
     cudaCheckLaunch();
 }
