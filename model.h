@@ -353,8 +353,11 @@ inline double training_flops_per_sequence(const ModelConfig& c) {
 }
 
 // ----------------------------------------------------------------------------------------------------------------
-// The decode phase of a generation (SPEC 5.5: everything after the prefill), counted for the roofline that
-// ./infer --bench reports. B rows; prompts padded to Tp tokens (block models: whole blocks); `steps` decode steps:
+// A generation's bytes and FLOPs, counted for the ceilings that ./infer --bench reports: the decode phase (SPEC 5.5:
+// everything after the prefill) against its roofline, and the whole run (prefill + decode, what tokens/s is measured
+// over) against the best tokens/s any schedule could reach, max(bytes / bandwidth, flops / matmul rate).
+//
+// The decode phase. B rows; prompts padded to Tp tokens (block models: whole blocks); `steps` decode steps:
 // block models one block each (the token decoder's LB local steps, then one block-decoder step), vanilla one token
 // each. Per step, what cannot be avoided:
 //   bytes: every weight matrix the step multiplies by, read once per launch whatever B is (a stack's layers and
@@ -362,9 +365,10 @@ inline double training_flops_per_sequence(const ModelConfig& c) {
 //          (B x visible positions x 2 (k and v) x C per layer) and the new k, v written (B x 2 x C per layer);
 //   flops: 2 x weights x B for the matmuls, 4 x C x visible positions x B per layer for attention.
 // Embedding lookups read only B rows and are left out, as are activations, which stay in cache at decode sizes.
-struct DecodeCost {
+struct PhaseCost {
     double bytes = 0, flops = 0;
 };
+inline PhaseCost operator+(PhaseCost a, const PhaseCost& b) { return {a.bytes + b.bytes, a.flops + b.flops}; }
 
 // Values of the tensors whose names start with prefix.
 inline double table_elements(const TensorTable& table, const std::string& prefix) {
@@ -373,12 +377,16 @@ inline double table_elements(const TensorTable& table, const std::string& prefix
         if (t.name.rfind(prefix, 0) == 0) n += (double)t.numel;
     return n;
 }
+// A stack's layers and final LayerNorm (prefix: "gpt_neox.", "block_decoder.gpt_neox.", ...).
+inline double stack_weights(const TensorTable& table, const std::string& prefix) {
+    return table_elements(table, prefix + "layers.") + table_elements(table, prefix + "final_layer_norm.");
+}
 
-inline DecodeCost decode_cost(const ModelConfig& c, const TensorTable& table, int B, int Tp, int steps, int elem_bytes) {
-    DecodeCost cost;
-    // one forward of `new_positions` positions through a cached stack whose keys 0..visible-1 are visible to the last
+inline PhaseCost decode_cost(const ModelConfig& c, const TensorTable& table, int B, int Tp, int steps, int elem_bytes) {
+    PhaseCost cost;
+    // one new position through a cached stack whose keys 0..visible-1 are visible to it
     auto stack_step = [&](const std::string& prefix, const StackConfig& s, double visible) {
-        const double weights = table_elements(table, prefix + "layers.") + table_elements(table, prefix + "final_layer_norm.");
+        const double weights = stack_weights(table, prefix);
         cost.bytes += weights * elem_bytes + (double)B * s.L * 2.0 * s.C * (visible + 1) * elem_bytes;
         cost.flops += 2.0 * weights * B + 4.0 * s.C * visible * B * s.L;
     };
@@ -402,6 +410,23 @@ inline DecodeCost decode_cost(const ModelConfig& c, const TensorTable& table, in
             matmul("token_decoder.embed_out.");
         }
         stack_step("block_decoder.gpt_neox.", c.block_decoder, n0 + step + 1);
+    }
+    return cost;
+}
+
+// The prefill: the main stack over the padded prompts of B rows (block models: their Tp / LB block embeddings;
+// vanilla: Tp tokens, then its LM head on the last position, which chooses the first token). FLOPs as
+// stack_forward_flops counts a forward; bytes: the weights read once, and the keys and values written to the cache.
+inline PhaseCost prefill_cost(const ModelConfig& c, const TensorTable& table, int B, int Tp, int elem_bytes) {
+    const std::string prefix = c.is_block ? "block_decoder.gpt_neox." : "gpt_neox.";
+    const StackConfig& s = c.is_block ? c.block_decoder : c.token_decoder;
+    const double positions = c.is_block ? Tp / c.LB : Tp;
+    PhaseCost cost;
+    cost.flops = stack_forward_flops(s, B, positions);
+    cost.bytes = (stack_weights(table, prefix) + (double)B * s.L * 2.0 * s.C * positions) * elem_bytes;
+    if (!c.is_block) {
+        cost.flops += 2.0 * B * s.C * c.V;
+        cost.bytes += table_elements(table, "embed_out.") * elem_bytes;
     }
     return cost;
 }

@@ -138,7 +138,7 @@ TEST_CASE("model: the decode phase's bytes and FLOPs (the roofline of ./infer --
     // One step (B 1, prompt 5: the new token at position 5 sees 6 keys): KV reads 2 layers x 2 x 32 x 6 and the new
     // k, v 2 x 2 x 32, bf16: 1792 bytes; FLOPs 2 x 24384 + attention 4 x 32 x 6 x 2 layers.
     const ModelConfig vanilla = config_by_name("tiny_vanilla");
-    const DecodeCost v = decode_cost(vanilla, build_tensor_table(vanilla), 1, 5, 1, 2);
+    const PhaseCost v = decode_cost(vanilla, build_tensor_table(vanilla), 1, 5, 1, 2);
     CHECK(v.bytes == 24384 * 2 + 1792);
     CHECK(v.flops == 2 * 24384 + 4 * 32 * 6 * 2);
     // tiny_block by hand: block decoder layer 3*48*48+144 + 48*48+48 + 48*192+192 + 192*48+48 + 4*48 = 28272, two
@@ -149,15 +149,34 @@ TEST_CASE("model: the decode phase's bytes and FLOPs (the roofline of ./infer --
     // one: 4 x 2 x 2 x 48.
     const ModelConfig block = config_by_name("tiny_block");
     const TensorTable table = build_tensor_table(block);
-    const DecodeCost b = decode_cost(block, table, 1, 8, 1, 2);
+    const PhaseCost b = decode_cost(block, table, 1, 8, 1, 2);
     CHECK(b.bytes == 173952 * 2 + (18 * 2 * 2 * 32 + 4 * 2 * 2 * 48) * 2);
     CHECK(b.flops == 2 * 173952 + 4 * 32 * (2 + 3 + 4 + 5) * 2 + 4 * 48 * 3 * 2);
     // FLOPs grow with the batch, weight bytes do not; later steps see more of the cache
-    const DecodeCost b2 = decode_cost(block, table, 2, 8, 1, 2);
+    const PhaseCost b2 = decode_cost(block, table, 2, 8, 1, 2);
     CHECK(b2.flops == 2 * b.flops);
     CHECK(b2.bytes - b.bytes == (18 * 2 * 2 * 32 + 4 * 2 * 2 * 48) * 2);
-    const DecodeCost two_steps = decode_cost(block, table, 1, 8, 2, 2);
+    const PhaseCost two_steps = decode_cost(block, table, 1, 8, 2, 2);
     CHECK(two_steps.bytes - b.bytes == b.bytes + 1 * 2 * 2 * 48 * 2);   // the second block-decoder step sees one more block
+}
+
+TEST_CASE("model: the prefill's bytes and FLOPs (the whole-run ceiling of ./infer --bench)") {
+    // tiny_vanilla, B 1, prompt 5, by hand: per layer 2*5*(4*32*32 + 2*32*96) = 102400 matmul and 4*32*5*6/2 = 1920
+    // attention, 2 layers; the LM head on the last position 2*32*96 = 6144. Bytes: the 2 layers, final LayerNorm and
+    // embed_out (24384 weights, as above) and the keys and values of 5 positions, 2 layers x 2 x 32 x 5, in bf16.
+    const ModelConfig vanilla = config_by_name("tiny_vanilla");
+    const PhaseCost v = prefill_cost(vanilla, build_tensor_table(vanilla), 1, 5, 2);
+    CHECK(v.flops == 2 * (102400 + 1920) + 6144);
+    CHECK(v.bytes == (24384 + 2 * 2 * 32 * 5) * 2);
+    // tiny_block, B 3, prompt 8 tokens = 2 blocks: block decoder only, per layer 2*2*(4*48*48 + 2*48*192) = 110592
+    // matmul and 4*48*2*3/2 = 576 attention; bytes: its 56640 weights once and 3 x 2 layers x 2 x 48 x 2 cached values.
+    const ModelConfig block = config_by_name("tiny_block");
+    const PhaseCost b = prefill_cost(block, build_tensor_table(block), 3, 8, 2);
+    CHECK(b.flops == 3 * 2 * (110592 + 576));
+    CHECK(b.bytes == (56640 + 3 * 2 * 2 * 48 * 2) * 2);
+    const PhaseCost sum = v + b;
+    CHECK(sum.flops == v.flops + b.flops);
+    CHECK(sum.bytes == v.bytes + b.bytes);
 }
 
 // The shapes a checkpoint of this config stores, as a list (what a safetensors header gives).
