@@ -239,8 +239,8 @@ inline void gelu_backward(floatX* dinp, const floatX* dout, const floatX* inp, s
     cudaCheckLaunch();
 }
 
-// out = a + b + c in fp32, rounded once: the parallel residual x + attn + mlp, and its backward dx + dx1 + dx2.
-// out may alias a.
+// out = a + b + c in fp32, rounded once: the backward of the parallel residual, dx + dx1 + dx2 (the forward's sum
+// x + attn + mlp is formed the same way inside the next LayerNorm, LayerNormInput). out may alias a.
 __global__ void add3_kernel(FloatXPack* out, const FloatXPack* a, const FloatXPack* b, const FloatXPack* c, size_t packs) {
     GRID_STRIDE_LOOP(i, packs) {
         const FloatXPack x = a[i], y = b[i], z = c[i];
@@ -288,22 +288,42 @@ struct LayerNormOutput {
     const floatX* bias;
 };
 
+// What is normalised: x, or the parallel residual of the layer before, x + branch_a + branch_b (attention and MLP
+// outputs), summed in fp32 and rounded once exactly as add3 does, and also written to sum_out (if non-null) as the
+// next residual stream. Fusing the sum saves a kernel and a round trip of the stream through memory.
+struct LayerNormInput {
+    const floatX* x;
+    const floatX* branch_a = nullptr;
+    const floatX* branch_b = nullptr;
+    floatX* sum_out = nullptr;   // may alias x (each element is read before it is written, by the same thread)
+    LayerNormInput(const floatX* x) : x(x) {}
+    LayerNormInput(const floatX* x, const floatX* branch_a, const floatX* branch_b, floatX* sum_out)
+        : x(x), branch_a(branch_a), branch_b(branch_b), sum_out(sum_out) {}
+};
+
 // The row sits in registers (lane l holds its 16-byte packs l, l + 32, ..., kPacks at most), so x is read once, as
 // whole vectors. The two LayerNorms of a parallel-residual layer normalise the same x (SPEC 1.1.1): a second output
 // (second.out non-null) is written from the same statistics, in the same pass.
 template <int kPacks>
 __global__ void layernorm_forward_kernel(LayerNormOutput first, LayerNormOutput second, float* mean, float* rstd,
-                                         const floatX* inp, int N, int C) {
+                                         LayerNormInput inp, int N, int C) {
     const int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
     if (row >= N) return;
     const int packs = C / kPack;
-    const FloatXPack* x = reinterpret_cast<const FloatXPack*>(inp + (size_t)row * C);
+    const size_t row_start = (size_t)row * C;
+    auto row_of = [&](const floatX* tensor) { return reinterpret_cast<const FloatXPack*>(tensor + row_start); };
     float v[kPacks][kPack];
     float sum = 0.0f;
 #pragma unroll
     for (int u = 0; u < kPacks; u++) {
         const int p = lane + 32 * u;
-        const FloatXPack packed = p < packs ? x[p] : FloatXPack{};
+        FloatXPack packed = p < packs ? row_of(inp.x)[p] : FloatXPack{};
+        if (inp.branch_a != nullptr && p < packs) {
+            const FloatXPack a = row_of(inp.branch_a)[p], b = row_of(inp.branch_b)[p];
+#pragma unroll
+            for (int e = 0; e < kPack; e++) packed.x[e] = to_floatX(to_f32(packed.x[e]) + to_f32(a.x[e]) + to_f32(b.x[e]));
+            if (inp.sum_out != nullptr) reinterpret_cast<FloatXPack*>(inp.sum_out + row_start)[p] = packed;
+        }
 #pragma unroll
         for (int e = 0; e < kPack; e++) {
             v[u][e] = to_f32(packed.x[e]);
@@ -543,7 +563,7 @@ inline void batched_matmul(Gpu& gpu, void* C, cudaDataType c_type, const floatX*
 // second: LN2 of the same x (parallel residual), or {} for none. C: a multiple of 8 (validate_config), at most 512
 // packs (4096 in bf16, 2048 in fp32).
 inline void layernorm_forward(LayerNormOutput first, LayerNormOutput second, float* mean, float* rstd,
-                              const floatX* inp, int N, int C, cudaStream_t stream) {
+                              LayerNormInput inp, int N, int C, cudaStream_t stream) {
     const int lanes_packs = (C / kPack + 31) / 32;   // packs per lane
     if (C % kPack != 0 || lanes_packs > 16)
         throw std::runtime_error("layernorm_forward: width " + std::to_string(C) + " must be a multiple of " +
@@ -557,7 +577,7 @@ inline void layernorm_forward(LayerNormOutput first, LayerNormOutput second, flo
     else layernorm_forward_kernel<16><<<grid, threads, 0, stream>>>(first, second, mean, rstd, inp, N, C);
     cudaCheckLaunch();
 }
-inline void layernorm_forward(floatX* out, float* mean, float* rstd, const floatX* inp, const floatX* weight,
+inline void layernorm_forward(floatX* out, float* mean, float* rstd, LayerNormInput inp, const floatX* weight,
                               const floatX* bias, int N, int C, cudaStream_t stream) {
     layernorm_forward({out, weight, bias}, {}, mean, rstd, inp, N, C, stream);
 }
@@ -2394,14 +2414,18 @@ public:
         const int n = (int)n_, C = cfg_.C, I = cfg_.I, NH = cfg_.NH, HS = cfg_.HS();
         key_mask_ = key_mask;
         cudaCheck(cudaMemcpyAsync(layers_[0].x.data(), inp, n_ * C * sizeof(floatX), cudaMemcpyDeviceToDevice, gpu.stream));
+        floatX* attn_out = branch_a_.data();
+        floatX* mlp_out = branch_b_.data();
+        // x of layer l > 0 (and of the final LayerNorm) is the previous layer's residual sum, formed inside LayerNorm
+        auto residual_into = [&](int l, floatX* x) {
+            return l == 0 ? LayerNormInput(x) : LayerNormInput(layers_[l - 1].x.data(), attn_out, mlp_out, x);
+        };
         for (int l = 0; l < cfg_.L; l++) {
             GpuLayerActivations& a = layers_[l];
             const LayerOffsets& o = offsets_[l];
             const floatX* w = params;
-            floatX* attn_out = branch_a_.data();
-            floatX* mlp_out = branch_b_.data();
             layernorm_forward({a.ln1.data(), w + o.ln1_w, w + o.ln1_b}, {a.ln2.data(), w + o.ln2_w, w + o.ln2_b},
-                              a.x_mean.data(), a.x_rstd.data(), a.x.data(), n, C, gpu.stream);
+                              a.x_mean.data(), a.x_rstd.data(), residual_into(l, a.x.data()), n, C, gpu.stream);
             linear_forward(gpu, qkv_.data(), a.ln1.data(), w + o.qkv_w, w + o.qkv_b, n, C, 3 * C);
             rope_split_heads_kernel<<<rope_heads_grid(nseq_, S_, NH, HS), 256, 0, gpu.stream>>>(a.q.data(), a.k.data(), a.v.data(), qkv_.data(),
                 rope_cos_.data(), rope_sin_.data(), nseq_, S_, NH, HS, cfg_.rotary_dims());
@@ -2413,11 +2437,9 @@ public:
             linear_forward(gpu, a.fc.data(), a.ln2.data(), w + o.fc_w, w + o.fc_b, n, C, I);
             gelu_forward(a.fc_gelu.data(), a.fc.data(), n_ * I, gpu.stream);
             linear_forward(gpu, mlp_out, a.fc_gelu.data(), w + o.proj_w, w + o.proj_b, n, I, C);
-
-            floatX* next = l + 1 < cfg_.L ? layers_[l + 1].x.data() : x_final_.data();
-            add3(next, a.x.data(), attn_out, mlp_out, n_ * C, gpu.stream);
         }
-        layernorm_forward(out_.data(), mean_.data(), rstd_.data(), x_final_.data(), params + final_w_, params + final_b_, n, C, gpu.stream);
+        layernorm_forward(out_.data(), mean_.data(), rstd_.data(), residual_into(cfg_.L, x_final_.data()), params + final_w_,
+                          params + final_b_, n, C, gpu.stream);
     }
 
     // dout: (n, C) gradient of out()   dinp: (n, C) written   grads: parameter gradients, accumulated.
@@ -3356,6 +3378,112 @@ inline void attention_over_cache(floatX* out, const floatX* q, const floatX* k_c
         attention_cached(out, q, k_cache, v_cache, key_mask, dyn_pos, pos_offset, nseq, S_new, NH, HS, capacity, stream);
 }
 
+// A decode step over a short cache (one new position per sequence, capacity <= kShortCache: the token decoder's
+// local steps), rope_append_kv and attention_cached fused into one kernel: with so few keys, the two launches and
+// the round trip of q through memory cost more than the attention itself. A group of HS / kPack lanes serves one
+// (sequence, head) row, each lane one 16-byte part of it: the lanes rotate q and k (as rope_append_kv), append k and
+// v at the new position p, then walk the visible positions j <= p with an online softmax, kChunk positions at a time
+// so their loads are in flight together; the new position's key and value come from registers. The group's lanes
+// sum their partial dot products by shuffles. Same inputs and outputs as the two kernels it replaces, S_new = 1:
+// qkv (nseq, NH, 3, HS) fused; out (nseq, NH, HS); a row that sees no key outputs 0.
+template <int HS>
+__global__ void __launch_bounds__(256)
+rope_append_attend_kernel(floatX* out, floatX* k_cache, floatX* v_cache, const floatX* qkv, const float* cos_table,
+                          const float* sin_table, const int* pos_shift, const int* key_mask, const int* dyn_pos,
+                          int pos_offset, int rows, int NH, int rot, int capacity, float scale) {
+    constexpr int kLanesPerRow = HS / kPack, kChunk = 4;
+    static_assert(HS % kPack == 0 && 32 % kLanesPerRow == 0, "a row must be whole 16-byte vectors, a warp whole rows");
+    const int p = (dyn_pos ? *dyn_pos : 0) + pos_offset;   // the new position, the same for every row
+    if (p >= capacity) return;   // the host sizes caches so this never happens; it only guards memory (uniform: no shuffle waits)
+    const int row = (int)(((size_t)blockIdx.x * blockDim.x + threadIdx.x) / kLanesPerRow);   // seq * NH + h
+    const int part = threadIdx.x % kLanesPerRow, d0 = part * kPack;
+    const bool active = row < rows;   // inactive lanes still take part in the shuffles
+    const int seq = row / NH, half = rot / 2;
+    const size_t cached = (size_t)row * capacity * HS + d0;   // this lane's part of the row's cache position 0
+
+    FloatXPack k_new{}, v_new{};
+    float q_part[kPack] = {};
+    if (active) {
+        const int angle_p = max(0, p - (pos_shift ? pos_shift[seq] : 0));   // pads before position 0 are masked
+        const float* cos_row = cos_table + (size_t)angle_p * half;
+        const float* sin_row = sin_table + (size_t)angle_p * half;
+        const floatX* head = qkv + (size_t)row * 3 * HS;
+        const FloatXPack q_new = rope_pack(head, d0, rot, cos_row, sin_row, 1.0f);
+        k_new = rope_pack(head + HS, d0, rot, cos_row, sin_row, 1.0f);
+        v_new = *reinterpret_cast<const FloatXPack*>(head + 2 * HS + d0);
+        *reinterpret_cast<FloatXPack*>(k_cache + cached + (size_t)p * HS) = k_new;
+        *reinterpret_cast<FloatXPack*>(v_cache + cached + (size_t)p * HS) = v_new;
+#pragma unroll
+        for (int e = 0; e < kPack; e++) q_part[e] = to_f32(q_new.x[e]) * scale;
+    }
+    const int* mask = key_mask && active ? key_mask + (size_t)seq * capacity : nullptr;
+    auto visible = [&](int j) { return active && j <= p && (mask == nullptr || mask[j] != 0); };
+
+    float m = -INFINITY, l = 0.0f, o[kPack] = {};
+    for (int base = 0; base <= p; base += kChunk) {
+        FloatXPack keys[kChunk], values[kChunk];
+#pragma unroll
+        for (int u = 0; u < kChunk; u++) {
+            const int j = base + u;
+            if (j == p) {
+                keys[u] = k_new;
+                values[u] = v_new;
+            } else if (j < p && visible(j)) {   // an invisible key is never read
+                keys[u] = *reinterpret_cast<const FloatXPack*>(k_cache + cached + (size_t)j * HS);
+                values[u] = *reinterpret_cast<const FloatXPack*>(v_cache + cached + (size_t)j * HS);
+            } else {
+                keys[u] = values[u] = FloatXPack{};
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < kChunk; u++) {
+            float score = 0.0f;
+#pragma unroll
+            for (int e = 0; e < kPack; e++) score += q_part[e] * to_f32(keys[u].x[e]);
+#pragma unroll
+            for (int offset = 1; offset < kLanesPerRow; offset *= 2) score += __shfl_xor_sync(0xffffffff, score, offset);
+            if (!visible(base + u)) continue;   // no shuffle below: lanes may part here
+            const float m_new = fmaxf(m, score);
+            const float correction = expf(m - m_new);   // 0 while m is still -inf
+            const float weight = expf(score - m_new);
+            l = l * correction + weight;
+#pragma unroll
+            for (int e = 0; e < kPack; e++) o[e] = o[e] * correction + weight * to_f32(values[u].x[e]);
+            m = m_new;
+        }
+    }
+    if (!active) return;
+    FloatXPack result;
+#pragma unroll
+    for (int e = 0; e < kPack; e++) result.x[e] = to_floatX(l > 0.0f ? o[e] / l : 0.0f);
+    *reinterpret_cast<FloatXPack*>(out + (size_t)row * HS + d0) = result;
+}
+
+// One new position per sequence at p0 = (dyn_pos ? *dyn_pos : 0) + pos_offset over a cache of at most kShortCache
+// positions: what rope_append_kv followed by attention_over_cache computes, in one launch (except q, not written).
+inline void rope_append_attend(floatX* out, floatX* k_cache, floatX* v_cache, const floatX* qkv, const float* cos_table,
+                               const float* sin_table, const int* pos_shift, const int* key_mask, const int* dyn_pos,
+                               int pos_offset, int nseq, int NH, int HS, int rot, int capacity, cudaStream_t stream) {
+    if (capacity > kShortCache) throw std::runtime_error("rope_append_attend: caches longer than " + std::to_string(kShortCache) + " positions take the unfused path");
+    const int rows = nseq * NH;
+    if (rows == 0) return;
+    const float scale = 1.0f / std::sqrt((float)HS);
+    constexpr int kThreads = 256;
+    const unsigned blocks = (unsigned)(((size_t)rows * (HS / kPack) + kThreads - 1) / kThreads);
+    auto launch = [&](auto kernel) {
+        kernel<<<blocks, kThreads, 0, stream>>>(out, k_cache, v_cache, qkv, cos_table, sin_table, pos_shift, key_mask, dyn_pos,
+                                                pos_offset, rows, NH, rot, capacity, scale);
+    };
+    switch (HS) {
+        case 16: launch(rope_append_attend_kernel<16>); break;
+        case 32: launch(rope_append_attend_kernel<32>); break;
+        case 64: launch(rope_append_attend_kernel<64>); break;
+        case 128: launch(rope_append_attend_kernel<128>); break;
+        default: throw std::runtime_error("cached attention supports head sizes 16, 32, 64 and 128, not " + std::to_string(HS));
+    }
+    cudaCheckLaunch();
+}
+
 // ----------------------------------------------------------------------------------------------------------------
 // A GPT-NeoX stack (SPEC 1.1) for cached decoding over nseq sequences: each forward runs S_new new positions per
 // sequence, appends their keys and values to the cache and attends over everything cached up to them. Owns its
@@ -3400,28 +3528,36 @@ public:
             throw std::runtime_error("KvStack::forward: " + std::to_string(S_new) + " new positions, scratch for " + std::to_string(max_new_));
         const int n = nseq_ * S_new, C = cfg_.C, I = cfg_.I, NH = cfg_.NH, HS = cfg_.HS();
         const size_t layer_cache = (size_t)nseq_ * capacity_ * C;
-        const floatX* x = inp;   // the residual stream: the input, then x_, updated in place by each layer
+        // The residual stream x: the input, then x_. Layer l > 0 (and the final LayerNorm) normalises the previous
+        // layer's sum x + attn_out + mlp_out, which its LayerNorm forms and writes to x_ (in place once x is x_).
+        const floatX* x = inp;
         for (int l = 0; l < cfg_.L; l++) {
             const LayerOffsets& o = offsets_[l];
             const floatX* w = params;
             floatX* k_cache = k_cache_.data() + l * layer_cache;
             floatX* v_cache = v_cache_.data() + l * layer_cache;
+            const LayerNormInput ln_input = l == 0 ? LayerNormInput(x) : LayerNormInput(x, attn_out_.data(), mlp_out_.data(), x_.data());
             layernorm_forward({ln1_.data(), w + o.ln1_w, w + o.ln1_b}, {ln2_.data(), w + o.ln2_w, w + o.ln2_b}, mean_.data(),
-                              rstd_.data(), x, n, C, gpu.stream);
+                              rstd_.data(), ln_input, n, C, gpu.stream);
+            if (l > 0) x = x_.data();
             linear_forward(gpu, qkv_.data(), ln1_.data(), w + o.qkv_w, w + o.qkv_b, n, C, 3 * C);
-            rope_append_kv(q_.data(), k_cache, v_cache, qkv_.data(), rope_cos_.data(), rope_sin_.data(), pos_shift, dyn_pos,
-                           pos_offset, nseq_, S_new, NH, HS, cfg_.rotary_dims(), capacity_, gpu.stream);
-            attention_over_cache(att_.data(), q_.data(), k_cache, v_cache, key_mask, dyn_pos, pos_offset, nseq_, S_new, NH, HS,
-                                 capacity_, gpu.stream);
+            if (S_new == 1 && capacity_ <= kShortCache) {   // the token decoder's local steps
+                rope_append_attend(att_.data(), k_cache, v_cache, qkv_.data(), rope_cos_.data(), rope_sin_.data(), pos_shift,
+                                   key_mask, dyn_pos, pos_offset, nseq_, NH, HS, cfg_.rotary_dims(), capacity_, gpu.stream);
+            } else {
+                rope_append_kv(q_.data(), k_cache, v_cache, qkv_.data(), rope_cos_.data(), rope_sin_.data(), pos_shift, dyn_pos,
+                               pos_offset, nseq_, S_new, NH, HS, cfg_.rotary_dims(), capacity_, gpu.stream);
+                attention_over_cache(att_.data(), q_.data(), k_cache, v_cache, key_mask, dyn_pos, pos_offset, nseq_, S_new, NH,
+                                     HS, capacity_, gpu.stream);
+            }
             linear_forward(gpu, attn_out_.data(), att_.data(), w + o.dense_w, w + o.dense_b, n, C, C);
 
             linear_forward(gpu, fc_.data(), ln2_.data(), w + o.fc_w, w + o.fc_b, n, C, I);
             gelu_forward(fc_.data(), fc_.data(), (size_t)n * I, gpu.stream);   // elementwise: in place is safe
             linear_forward(gpu, mlp_out_.data(), fc_.data(), w + o.proj_w, w + o.proj_b, n, I, C);
-            add3(x_.data(), x, attn_out_.data(), mlp_out_.data(), (size_t)n * C, gpu.stream);
-            x = x_.data();
         }
-        layernorm_forward(out_.data(), mean_.data(), rstd_.data(), x, params + final_w_, params + final_b_, n, C, gpu.stream);
+        const LayerNormInput last_sum(x, attn_out_.data(), mlp_out_.data(), nullptr);   // the sum itself is not needed after
+        layernorm_forward(out_.data(), mean_.data(), rstd_.data(), last_sum, params + final_w_, params + final_b_, n, C, gpu.stream);
     }
 
 private:
@@ -3521,6 +3657,32 @@ __device__ uint32_t radix_select(int V, unsigned long long need, Weight weight, 
     return prefix;
 }
 
+// Visits a row of logits, visit(value, id), each thread its ids in increasing order (so keeping the first of equal
+// values keeps the lowest id). A row of whole float4s (V % 4 == 0; rows are then 16-byte aligned) is read 16 bytes
+// at a time, two loads in flight per thread: the row is read once at nearly the copy rate. Other rows: one float.
+template <typename Visit>
+__device__ inline void for_each_logit(const float* z, int V, Visit visit) {
+    if (V % 4 != 0) {
+        for (int v = threadIdx.x; v < V; v += blockDim.x) visit(z[v], v);
+        return;
+    }
+    const float4* z4 = reinterpret_cast<const float4*>(z);
+    const int V4 = V / 4, stride = blockDim.x;
+    auto visit4 = [&](float4 x, int i) {
+        visit(x.x, 4 * i);
+        visit(x.y, 4 * i + 1);
+        visit(x.z, 4 * i + 2);
+        visit(x.w, 4 * i + 3);
+    };
+    for (int i = threadIdx.x; i < V4; i += 2 * stride) {
+        const bool second = i + stride < V4;
+        const float4 a = z4[i];
+        const float4 b = second ? z4[i + stride] : a;
+        visit4(a, i);
+        if (second) visit4(b, i + stride);
+    }
+}
+
 // logits: (B, V) fp32, one block per row. The chosen id of row b goes to current[b], to
 // history[b * history_stride + col] with col = (dyn_col ? *dyn_col : 0) + col_offset (also the random draw's counter),
 // and, when block_ids is set, to block_ids[b * block_stride + slot].
@@ -3544,11 +3706,12 @@ sample_kernel(int* current, int* history, int history_stride, const int* dyn_col
         // greedy: the largest logit, the lowest id among equal ones (NaN never wins)
         float best = -INFINITY;
         int best_id = 0x7fffffff;
-        for (int v = tid; v < V; v += blockDim.x)
-            if (z[v] > best) {
-                best = z[v];
+        for_each_logit(z, V, [&](float x, int v) {
+            if (x > best) {
+                best = x;
                 best_id = v;
             }
+        });
         for (int pass = 0; pass < 2; pass++) {   // within each warp, then warp 0 over the warps' winners
             for (int offset = 16; offset > 0; offset >>= 1) {
                 const float other = __shfl_xor_sync(0xffffffff, best, offset);
@@ -3571,7 +3734,7 @@ sample_kernel(int* current, int* history, int history_stride, const int* dyn_col
     } else {
         const float temperature = settings.temperature;
         float z_max = -INFINITY;
-        for (int v = tid; v < V; v += blockDim.x) z_max = fmaxf(z_max, z[v] / temperature);
+        for_each_logit(z, V, [&](float x, int) { z_max = fmaxf(z_max, x / temperature); });
         z_max = block_max(z_max, reduce_shared);
         uint32_t cut = 0;   // ids with key < cut are out
         if (settings.top_k > 0 && settings.top_k < V) {

@@ -90,29 +90,44 @@ static void poison(DeviceBuffer<T>& buffer) { if (buffer.size() > 0) cudaCheck(c
 
 // LayerNorm forward with both outputs of a parallel-residual layer (LN1 and LN2 of the same x) at widths that take
 // 1, 3 and 8 (bf16; fp32: 1, 6 and 16) 16-byte packs per lane, against the reference run once per weight set.
-static void check_layernorm_forward_pair(int N, int C, uint32_t seed) {
-    CAPTURE(N); CAPTURE(C);
+// With residual, the normalised row is the previous layer's sum x + a + b, formed by the kernel (rounded once to
+// floatX, as add3) and written in place over x, as the stacks do.
+static void check_layernorm_forward_pair(int N, int C, bool residual, uint32_t seed) {
+    CAPTURE(N); CAPTURE(C); CAPTURE(residual);
     std::mt19937 rng(seed);
     TestTensor x = random_tensor(N * C, rng, 0.5f, 2.0f);
+    TestTensor a = random_tensor(N * C, rng, 0.0f, 0.5f), b = random_tensor(N * C, rng, -0.2f, 1.0f);
     TestTensor w1 = random_tensor(C, rng, 1.0f, 0.1f), b1 = random_tensor(C, rng, 0.0f, 0.1f);
     TestTensor w2 = random_tensor(C, rng, 1.0f, 0.3f), b2 = random_tensor(C, rng, 0.5f, 0.1f);
     auto out1 = poisoned<floatX>(N * C), out2 = poisoned<floatX>(N * C);
     auto mean = poisoned<float>(N), rstd = poisoned<float>(N);
+    const LayerNormInput input = residual ? LayerNormInput(x.device.data(), a.device.data(), b.device.data(), x.device.data())
+                                          : LayerNormInput(x.device.data());
     layernorm_forward({out1.data(), w1.device.data(), b1.device.data()}, {out2.data(), w2.device.data(), b2.device.data()},
-                      mean.data(), rstd.data(), x.device.data(), N, C, 0);
+                      mean.data(), rstd.data(), input, N, C, 0);
+    std::vector<float> normalised = x.host;
+    if (residual) {
+        for (size_t i = 0; i < normalised.size(); i++) normalised[i] = round_to_floatX(x.host[i] + a.host[i] + b.host[i]);
+        const std::vector<float> sum = download(x.device.data(), N * C);
+        size_t mismatches = 0;
+        for (size_t i = 0; i < sum.size(); i++) mismatches += sum[i] != normalised[i];
+        CHECK(mismatches == 0);   // the same fp32 sum, rounded once: bit-identical
+    }
     std::vector<float> out1_ref(N * C), out2_ref(N * C), mean_ref(N), rstd_ref(N);
-    ref::layernorm_forward(out1_ref.data(), mean_ref.data(), rstd_ref.data(), x.host.data(), w1.host.data(), b1.host.data(), N, C);
-    ref::layernorm_forward(out2_ref.data(), mean_ref.data(), rstd_ref.data(), x.host.data(), w2.host.data(), b2.host.data(), N, C);
+    ref::layernorm_forward(out1_ref.data(), mean_ref.data(), rstd_ref.data(), normalised.data(), w1.host.data(), b1.host.data(), N, C);
+    ref::layernorm_forward(out2_ref.data(), mean_ref.data(), rstd_ref.data(), normalised.data(), w2.host.data(), b2.host.data(), N, C);
     CHECK_CLOSE(download(out1.data(), N * C), out1_ref, N * C, kKernelTolerance);
     CHECK_CLOSE(download(out2.data(), N * C), out2_ref, N * C, kKernelTolerance);
     CHECK_CLOSE(download(mean.data(), N), mean_ref, N, 1e-5);
     CHECK_CLOSE(download(rstd.data(), N), rstd_ref, N, 1e-5);
 }
 
-GPU_TEST_CASE("gpu: layernorm forward, two outputs from one pass, several widths") {
-    check_layernorm_forward_pair(13, 48, 21);
-    check_layernorm_forward_pair(37, 768, 22);
-    check_layernorm_forward_pair(5, 2048, 23);
+GPU_TEST_CASE("gpu: layernorm forward, two outputs from one pass, several widths, with and without the residual sum") {
+    for (bool residual : {false, true}) {
+        check_layernorm_forward_pair(13, 48, residual, 21);
+        check_layernorm_forward_pair(37, 768, residual, 22);
+        check_layernorm_forward_pair(5, 2048, residual, 23);
+    }
 }
 
 GPU_TEST_CASE("gpu: layernorm forward and backward") {
@@ -287,6 +302,96 @@ GPU_TEST_CASE("gpu: cached attention (generation) at every supported head size, 
         // prefills longer than 16 positions at a host position: flash attention in the BF16 build (HS >= 32)
         check_cached_attention(3, 100, 2, HS, 300, 37, 16, Position::Host);
         check_cached_attention(2, 200, 2, HS, 200, 0, 17, Position::Host);
+    }
+}
+
+// The fused decode step over a short cache (rope_append_attend) against the CPU reference: q and k of the new
+// position rotated at angle p0 - pos_shift (clamped to 0), k and v appended at p0, the other cache positions left as
+// they were, and attention over the visible positions <= p0. Sequence 1 sees no key (output 0).
+static void check_rope_append_attend(int nseq, int NH, int HS, int capacity, int p0, uint32_t seed) {
+    CAPTURE(nseq); CAPTURE(NH); CAPTURE(HS); CAPTURE(capacity); CAPTURE(p0);
+    std::mt19937 rng(seed);
+    const int rot = HS / 4, rows = nseq * NH;
+    const size_t cache = (size_t)rows * capacity * HS;
+    TestTensor qkv = random_tensor((size_t)rows * 3 * HS, rng, 0.0f, 2.0f);
+    TestTensor k = random_tensor(cache, rng), v = random_tensor(cache, rng);
+    std::vector<int> key_mask((size_t)nseq * capacity), pos_shift(nseq);
+    for (int seq = 0; seq < nseq; seq++) {
+        pos_shift[seq] = 3 * seq;   // the last sequences' angles clamp to 0 when p0 is small
+        for (int j = 0; j < capacity; j++) key_mask[(size_t)seq * capacity + j] = seq != 1 && (j == p0 || rng() % 4 != 0);
+    }
+    DeviceBuffer<int> key_mask_device(key_mask.size()), pos_shift_device(nseq), dyn_pos(1);
+    key_mask_device.upload(key_mask.data(), key_mask.size());
+    pos_shift_device.upload(pos_shift.data(), nseq);
+    const int start = p0 / 2;   // a decode graph: device counter plus offset
+    dyn_pos.upload(&start, 1);
+    DeviceBuffer<float> cos_table, sin_table;
+    upload_rope_tables(cos_table, sin_table, capacity, rot);
+    auto out = poisoned<floatX>((size_t)rows * HS);
+    rope_append_attend(out.data(), k.device.data(), v.device.data(), qkv.device.data(), cos_table.data(), sin_table.data(),
+                       pos_shift_device.data(), key_mask_device.data(), dyn_pos.data(), p0 - start, nseq, NH, HS, rot, capacity, 0);
+    cudaCheck(cudaDeviceSynchronize());
+    const std::vector<float> k_after = download(k.device.data(), cache), v_after = download(v.device.data(), cache);
+
+    std::vector<float> out_ref((size_t)rows * HS, 0.0f), k_new_ref, v_new_ref, k_new, v_new;
+    size_t unchanged = 0, changed_elsewhere = 0;
+    const double scale = 1.0 / std::sqrt((double)HS);
+    for (int row = 0; row < rows; row++) {
+        const int seq = row / NH, angle = std::max(0, p0 - pos_shift[seq]);
+        // the reference rotates a sequence's rows by their index: put this head's (q, k, v) at index `angle`
+        std::vector<double> rotated((size_t)(angle + 1) * 3 * HS, 0.0);
+        std::copy(qkv.host.begin() + (size_t)row * 3 * HS, qkv.host.begin() + (size_t)(row + 1) * 3 * HS,
+                  rotated.begin() + (size_t)angle * 3 * HS);
+        ref::rope_forward(rotated.data(), 1, angle + 1, 1, HS, rot);
+        const double* q_rot = rotated.data() + (size_t)angle * 3 * HS;
+        const double* k_rot = q_rot + HS;
+        const double* v_row = q_rot + 2 * HS;
+        const size_t head = (size_t)row * capacity * HS;
+        for (int j = 0; j < capacity; j++)
+            for (int d = 0; d < HS; d++) {
+                const size_t i = head + (size_t)j * HS + d;
+                if (j == p0) continue;
+                (k_after[i] == k.host[i] && v_after[i] == v.host[i] ? unchanged : changed_elsewhere)++;
+            }
+        for (int d = 0; d < HS; d++) {
+            k_new_ref.push_back((float)k_rot[d]);
+            v_new_ref.push_back((float)v_row[d]);
+            k_new.push_back(k_after[head + (size_t)p0 * HS + d]);
+            v_new.push_back(v_after[head + (size_t)p0 * HS + d]);
+        }
+        auto value = [&](int j, int d) { return j == p0 ? v_row[d] : (double)v.host[head + (size_t)j * HS + d]; };
+        std::vector<double> score;
+        std::vector<int> keys;
+        for (int j = 0; j <= p0; j++) {
+            if (!key_mask[(size_t)seq * capacity + j]) continue;
+            double dot = 0.0;
+            for (int d = 0; d < HS; d++) dot += q_rot[d] * (j == p0 ? k_rot[d] : (double)k.host[head + (size_t)j * HS + d]);
+            score.push_back(dot * scale);
+            keys.push_back(j);
+        }
+        if (keys.empty()) continue;   // a row that sees no key outputs 0
+        const double max = *std::max_element(score.begin(), score.end());
+        double sum = 0.0;
+        for (double& z : score) sum += (z = std::exp(z - max));
+        for (int d = 0; d < HS; d++) {
+            double acc = 0.0;
+            for (size_t t = 0; t < keys.size(); t++) acc += score[t] / sum * value(keys[t], d);
+            out_ref[(size_t)row * HS + d] = (float)acc;
+        }
+    }
+    CHECK(changed_elsewhere == 0);
+    CHECK(unchanged == (size_t)rows * (capacity - 1) * HS);
+    CHECK_CLOSE(k_new, k_new_ref, k_new.size(), kKernelTolerance);
+    CHECK_CLOSE(v_new, v_new_ref, v_new.size(), kKernelTolerance);
+    CHECK_CLOSE(download(out.data(), (size_t)rows * HS), out_ref, out_ref.size(), kKernelTolerance);
+}
+
+GPU_TEST_CASE("gpu: fused RoPE + cache append + attention for one new position over a short cache") {
+    for (int HS : {16, 32, 64, 128}) {
+        check_rope_append_attend(3, 2, HS, 5, 4, 21);     // the token decoder's last local step (P + LB - 1 = 5)
+        check_rope_append_attend(5, 3, HS, 5, 0, 22);     // the first position: each row sees only its own key
+        check_rope_append_attend(4, 3, HS, 64, 61, 23);   // the longest short cache, rotary angles shifted
+        check_rope_append_attend(7, 1, HS, 9, 6, 24);     // rows that do not fill the last warp
     }
 }
 

@@ -540,6 +540,50 @@ void check_greedy_tokens(const char* name) {
 GPU_TEST_CASE("infer: tiny_block greedy tokens equal a greedy loop over the CPU reference") { check_greedy_tokens("tiny_block"); }
 GPU_TEST_CASE("infer: tiny_vanilla greedy tokens equal a greedy loop over the CPU reference") { check_greedy_tokens("tiny_vanilla"); }
 
+// The token-choice kernel on rows made to be hard, at widths read as float4s (96, 50304) and one float at a time (97):
+// greedy takes the first of equal largest logits and ignores NaN (and picks 0 when nothing is larger than -inf);
+// top-k 1 sampling of finite logits keeps only the largest (ties at the cut kept) whatever the draw.
+GPU_TEST_CASE("infer: token choice: greedy's first largest logit, NaN and ties, and top-k 1, at widths read as float4 or not") {
+    for (int V : {96, 97, 50304}) {
+        CAPTURE(V);
+        constexpr int B = 4;
+        std::mt19937 rng(V);
+        std::normal_distribution<float> normal(0.0f, 3.0f);
+        std::vector<float> logits((size_t)B * V);
+        for (float& z : logits) z = normal(rng);
+        auto row = [&](int b) { return logits.data() + (size_t)b * V; };
+        row(1)[3] = row(1)[V - 2] = 100.0f;            // a tie for the largest: id 3 comes first
+        row(2)[0] = NAN, row(2)[V - 1] = 100.0f;       // NaN never wins
+        std::fill(row(3), row(3) + V, -INFINITY);      // nothing above -inf: greedy answers 0
+        DeviceBuffer<float> logits_device(logits.size());
+        logits_device.upload(logits.data(), logits.size());
+        for (const SamplingSettings& settings : {SamplingSettings{}, SamplingSettings{1.0f, 1, 1.0f, 11}}) {
+            const bool greedy = settings.temperature <= 0.0f;
+            CAPTURE(greedy);
+            const int rows = greedy ? B : 2;   // sampling is for finite logits
+            DeviceBuffer<int> current(B), history(B);
+            cudaCheck(cudaMemset(current.data(), 0xFF, B * sizeof(int)));
+            cudaCheck(cudaMemset(history.data(), 0xFF, B * sizeof(int)));
+            sample_kernel<<<rows, kSampleThreads>>>(current.data(), history.data(), 1, nullptr, 0, nullptr, 0, 0,
+                                                    logits_device.data(), V, settings);
+            cudaCheckLaunch();
+            std::vector<int> chosen(B), recorded(B);
+            current.download(chosen.data(), B);
+            history.download(recorded.data(), B);
+            for (int b = 0; b < rows; b++) {
+                CAPTURE(b);
+                CHECK(recorded[b] == chosen[b]);
+                float best = -INFINITY;
+                int first_best = 0;
+                for (int v = 0; v < V; v++)
+                    if (row(b)[v] > best) best = row(b)[v], first_best = v;   // NaN compares false
+                if (greedy) CHECK(chosen[b] == first_best);
+                else CHECK((chosen[b] >= 0 && chosen[b] < V && row(b)[chosen[b]] == best));
+            }
+        }
+    }
+}
+
 // With embed_out zeroed every logit is 0: greedy picks id 0 = <|endoftext|> (so rows stop at once), and sampling
 // at temperature 1 draws uniformly from the V ids (a loose chi-square bound), reproducibly for a seed.
 GPU_TEST_CASE("infer: equal logits: greedy stops at <|endoftext|>, sampling is uniform and seeded") {
