@@ -3209,8 +3209,7 @@ __global__ void rope_append_kv_kernel(floatX* q, floatX* k_cache, floatX* v_cach
 // with key_mask[j] = 1 (key_mask: (nseq, capacity), or null: all visible); scores scaled by HS^-0.5, softmax in
 // fp32. q, out: (nseq, S_new, NH, HS) = (nseq, S_new, C) with the heads merged.
 // A query row (sequence, query, head) gets kWarpsPerRow warps of a kAttentionWarps-warp block (so a block serves
-// kAttentionWarps / kWarpsPerRow rows): 8 for a long cache (the block decoder), 1 for a short one (the token
-// decoder's few positions, where more warps would only wait). The row's warps take turns over chunks of 32 keys with
+// kAttentionWarps / kWarpsPerRow rows): 1, 2, 4 or 8, as attention_cached_warps_per_row picks. The row's warps take turns over chunks of 32 keys with
 // an online softmax each, and their partial results are merged at the end. Keys and values are read the same way,
 // coalesced: a pass covers kRowsPerPass cache rows, kLanesPerRow lanes a row, each lane one 16-byte part of it. For
 // the scores each lane holds the matching part of q in registers, the row's lanes sum their partial dot products by
@@ -3338,30 +3337,54 @@ inline void attention_cached_launch(floatX* out, const floatX* q, const floatX* 
     cudaCheckLaunch();
 }
 
-// A cache of at most kShortCache positions gets one warp per query row, a longer one kAttentionWarps.
+// Warps per query row: 1 for a cache of at most kShortCache positions (the token decoder's few keys, where more warps
+// would only wait). For a longer cache, fewer warps a row do less merging and more warps more parallel reading; on
+// the H200 at 24,576 and 32,768 rows with 256-288 cached blocks (b4_85 and b4_300, batch 2048), 2 warps a row made
+// the whole generation 5% faster than 8 and about 2% faster than 4 (dev/NOTES.md). So: the fewest of 2 and 4 that
+// still give every SM two full loads of warps (64 each), else kAttentionWarps.
 constexpr int kShortCache = 64;
+inline int attention_cached_warps_per_row(size_t rows, int capacity) {
+    if (capacity <= kShortCache) return 1;
+    static const int sms = [] {
+        int device = 0, count = 0;
+        cudaCheck(cudaGetDevice(&device));
+        cudaCheck(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
+        return count;
+    }();
+    const size_t two_loads = (size_t)2 * 64 * sms;
+    for (int warps : {2, 4})
+        if (rows * warps >= two_loads) return warps;
+    return kAttentionWarps;
+}
 
 template <int HS>
 inline void attention_cached_for_head_size(floatX* out, const floatX* q, const floatX* k_cache, const floatX* v_cache,
                                            const int* key_mask, const int* dyn_pos, int pos_offset, size_t rows,
-                                           int S_new, int NH, int capacity, cudaStream_t stream) {
-    if (capacity <= kShortCache)
-        attention_cached_launch<HS, 1>(out, q, k_cache, v_cache, key_mask, dyn_pos, pos_offset, rows, S_new, NH, capacity, stream);
-    else
-        attention_cached_launch<HS, kAttentionWarps>(out, q, k_cache, v_cache, key_mask, dyn_pos, pos_offset, rows, S_new, NH,
-                                                     capacity, stream);
+                                           int S_new, int NH, int capacity, int warps_per_row, cudaStream_t stream) {
+    switch (warps_per_row) {
+        case 1: attention_cached_launch<HS, 1>(out, q, k_cache, v_cache, key_mask, dyn_pos, pos_offset, rows, S_new, NH, capacity, stream); break;
+        case 2: attention_cached_launch<HS, 2>(out, q, k_cache, v_cache, key_mask, dyn_pos, pos_offset, rows, S_new, NH, capacity, stream); break;
+        case 4: attention_cached_launch<HS, 4>(out, q, k_cache, v_cache, key_mask, dyn_pos, pos_offset, rows, S_new, NH, capacity, stream); break;
+        case kAttentionWarps:
+            attention_cached_launch<HS, kAttentionWarps>(out, q, k_cache, v_cache, key_mask, dyn_pos, pos_offset, rows, S_new, NH,
+                                                         capacity, stream);
+            break;
+        default: throw std::runtime_error("cached attention: " + std::to_string(warps_per_row) + " warps per row is not one of 1, 2, 4, 8");
+    }
 }
 
+// warps_per_row: 0 takes attention_cached_warps_per_row's choice; tests force each of 1, 2, 4 and 8.
 inline void attention_cached(floatX* out, const floatX* q, const floatX* k_cache, const floatX* v_cache, const int* key_mask,
                              const int* dyn_pos, int pos_offset, int nseq, int S_new, int NH, int HS, int capacity,
-                             cudaStream_t stream) {
+                             cudaStream_t stream, int warps_per_row = 0) {
     const size_t rows = (size_t)nseq * S_new * NH;
     if (rows == 0) return;
+    const int warps = warps_per_row > 0 ? warps_per_row : attention_cached_warps_per_row(rows, capacity);
     switch (HS) {
-        case 16: attention_cached_for_head_size<16>(out, q, k_cache, v_cache, key_mask, dyn_pos, pos_offset, rows, S_new, NH, capacity, stream); break;
-        case 32: attention_cached_for_head_size<32>(out, q, k_cache, v_cache, key_mask, dyn_pos, pos_offset, rows, S_new, NH, capacity, stream); break;
-        case 64: attention_cached_for_head_size<64>(out, q, k_cache, v_cache, key_mask, dyn_pos, pos_offset, rows, S_new, NH, capacity, stream); break;
-        case 128: attention_cached_for_head_size<128>(out, q, k_cache, v_cache, key_mask, dyn_pos, pos_offset, rows, S_new, NH, capacity, stream); break;
+        case 16: attention_cached_for_head_size<16>(out, q, k_cache, v_cache, key_mask, dyn_pos, pos_offset, rows, S_new, NH, capacity, warps, stream); break;
+        case 32: attention_cached_for_head_size<32>(out, q, k_cache, v_cache, key_mask, dyn_pos, pos_offset, rows, S_new, NH, capacity, warps, stream); break;
+        case 64: attention_cached_for_head_size<64>(out, q, k_cache, v_cache, key_mask, dyn_pos, pos_offset, rows, S_new, NH, capacity, warps, stream); break;
+        case 128: attention_cached_for_head_size<128>(out, q, k_cache, v_cache, key_mask, dyn_pos, pos_offset, rows, S_new, NH, capacity, warps, stream); break;
         default: throw std::runtime_error("cached attention supports head sizes 16, 32, 64 and 128, not " + std::to_string(HS));
     }
 }
@@ -3378,107 +3401,142 @@ inline void attention_over_cache(floatX* out, const floatX* q, const floatX* k_c
         attention_cached(out, q, k_cache, v_cache, key_mask, dyn_pos, pos_offset, nseq, S_new, NH, HS, capacity, stream);
 }
 
-// A decode step over a short cache (one new position per sequence, capacity <= kShortCache: the token decoder's
-// local steps), rope_append_kv and attention_cached fused into one kernel: with so few keys, the two launches and
-// the round trip of q through memory cost more than the attention itself. A group of HS / kPack lanes serves one
-// (sequence, head) row, each lane one 16-byte part of it: the lanes rotate q and k (as rope_append_kv), append k and
-// v at the new position p, then walk the visible positions j <= p with an online softmax, kChunk positions at a time
-// so their loads are in flight together; the new position's key and value come from registers. The group's lanes
-// sum their partial dot products by shuffles. Same inputs and outputs as the two kernels it replaces, S_new = 1:
-// qkv (nseq, NH, 3, HS) fused; out (nseq, NH, HS); a row that sees no key outputs 0.
-template <int HS>
+// Decode steps over a short cache (capacity <= kShortCache: the token decoder, whose cache holds its P prefix vectors
+// and the block's tokens), rope_append_kv and attention_cached fused into one kernel: with so few keys, the two
+// launches and the round trip of q through memory cost more than the attention itself. kNew new positions per
+// sequence (1: a local step; 2: the prefix, P = 2) at p0, p0 + 1, ... A group of HS / kPack lanes serves one
+// (sequence, head), each lane one 16-byte part of a row: the lanes rotate q and k of the new positions (as
+// rope_append_kv) and append k and v to the cache; then each new query s takes, with an online softmax, the new
+// positions t <= s (their keys and values still in registers) and the cached positions j < p0, kChunk at a time so
+// their loads are in flight together (2: more would cost registers and occupancy), each key read once for all the
+// queries. The group's lanes sum their partial dot products by shuffles. Same inputs and outputs as the two kernels
+// it replaces: qkv (nseq, kNew, NH, 3, HS) fused; out (nseq, kNew, NH, HS); a query that sees no key outputs 0.
+template <int HS, int kNew>
 __global__ void __launch_bounds__(256)
 rope_append_attend_kernel(floatX* out, floatX* k_cache, floatX* v_cache, const floatX* qkv, const float* cos_table,
                           const float* sin_table, const int* pos_shift, const int* key_mask, const int* dyn_pos,
-                          int pos_offset, int rows, int NH, int rot, int capacity, float scale) {
-    constexpr int kLanesPerRow = HS / kPack, kChunk = 4;
+                          int pos_offset, int heads, int NH, int rot, int capacity, float scale) {
+    constexpr int kLanesPerRow = HS / kPack, kChunk = 2;
     static_assert(HS % kPack == 0 && 32 % kLanesPerRow == 0, "a row must be whole 16-byte vectors, a warp whole rows");
-    const int p = (dyn_pos ? *dyn_pos : 0) + pos_offset;   // the new position, the same for every row
-    if (p >= capacity) return;   // the host sizes caches so this never happens; it only guards memory (uniform: no shuffle waits)
-    const int row = (int)(((size_t)blockIdx.x * blockDim.x + threadIdx.x) / kLanesPerRow);   // seq * NH + h
+    const int p0 = (dyn_pos ? *dyn_pos : 0) + pos_offset;   // the first new position, the same for every sequence
+    if (p0 + kNew > capacity) return;   // the host sizes caches so this never happens; it only guards memory (uniform)
+    const int head = (int)(((size_t)blockIdx.x * blockDim.x + threadIdx.x) / kLanesPerRow);   // seq * NH + h
     const int part = threadIdx.x % kLanesPerRow, d0 = part * kPack;
-    const bool active = row < rows;   // inactive lanes still take part in the shuffles
-    const int seq = row / NH, half = rot / 2;
-    const size_t cached = (size_t)row * capacity * HS + d0;   // this lane's part of the row's cache position 0
+    const bool active = head < heads;   // inactive lanes still take part in the shuffles
+    const int seq = head / NH, h = head % NH, half = rot / 2;
+    const size_t cached = (size_t)head * capacity * HS + d0;   // this lane's part of the head's cache position 0
+    auto new_row = [&](int s) { return ((size_t)seq * kNew + s) * NH + h; };   // row of qkv and out
 
-    FloatXPack k_new{}, v_new{};
-    float q_part[kPack] = {};
-    if (active) {
-        const int angle_p = max(0, p - (pos_shift ? pos_shift[seq] : 0));   // pads before position 0 are masked
-        const float* cos_row = cos_table + (size_t)angle_p * half;
-        const float* sin_row = sin_table + (size_t)angle_p * half;
-        const floatX* head = qkv + (size_t)row * 3 * HS;
-        const FloatXPack q_new = rope_pack(head, d0, rot, cos_row, sin_row, 1.0f);
-        k_new = rope_pack(head + HS, d0, rot, cos_row, sin_row, 1.0f);
-        v_new = *reinterpret_cast<const FloatXPack*>(head + 2 * HS + d0);
-        *reinterpret_cast<FloatXPack*>(k_cache + cached + (size_t)p * HS) = k_new;
-        *reinterpret_cast<FloatXPack*>(v_cache + cached + (size_t)p * HS) = v_new;
+    FloatXPack k_new[kNew], v_new[kNew];
+    float q_part[kNew][kPack];
 #pragma unroll
-        for (int e = 0; e < kPack; e++) q_part[e] = to_f32(q_new.x[e]) * scale;
+    for (int s = 0; s < kNew; s++) {
+        k_new[s] = v_new[s] = FloatXPack{};
+        FloatXPack q_new{};
+        if (active) {
+            const int p = p0 + s;
+            const int angle_p = max(0, p - (pos_shift ? pos_shift[seq] : 0));   // pads before position 0 are masked
+            const float* cos_row = cos_table + (size_t)angle_p * half;
+            const float* sin_row = sin_table + (size_t)angle_p * half;
+            const floatX* row = qkv + new_row(s) * 3 * HS;
+            q_new = rope_pack(row, d0, rot, cos_row, sin_row, 1.0f);
+            k_new[s] = rope_pack(row + HS, d0, rot, cos_row, sin_row, 1.0f);
+            v_new[s] = *reinterpret_cast<const FloatXPack*>(row + 2 * HS + d0);
+            *reinterpret_cast<FloatXPack*>(k_cache + cached + (size_t)p * HS) = k_new[s];
+            *reinterpret_cast<FloatXPack*>(v_cache + cached + (size_t)p * HS) = v_new[s];
+        }
+#pragma unroll
+        for (int e = 0; e < kPack; e++) q_part[s][e] = to_f32(q_new.x[e]) * scale;
     }
     const int* mask = key_mask && active ? key_mask + (size_t)seq * capacity : nullptr;
-    auto visible = [&](int j) { return active && j <= p && (mask == nullptr || mask[j] != 0); };
-
-    float m = -INFINITY, l = 0.0f, o[kPack] = {};
-    for (int base = 0; base <= p; base += kChunk) {
+    auto visible = [&](int j) { return active && (mask == nullptr || mask[j] != 0); };
+    // q_s . key over the group's lanes (every lane of the warp takes part in the shuffles)
+    auto score_of = [&](int s, const FloatXPack& key) {
+        float score = 0.0f;
+#pragma unroll
+        for (int e = 0; e < kPack; e++) score += q_part[s][e] * to_f32(key.x[e]);
+#pragma unroll
+        for (int offset = 1; offset < kLanesPerRow; offset *= 2) score += __shfl_xor_sync(0xffffffff, score, offset);
+        return score;
+    };
+    float m[kNew], l[kNew], o[kNew][kPack];
+#pragma unroll
+    for (int s = 0; s < kNew; s++) {
+        m[s] = -INFINITY;
+        l[s] = 0.0f;
+#pragma unroll
+        for (int e = 0; e < kPack; e++) o[s][e] = 0.0f;
+    }
+    auto accumulate = [&](int s, float score, const FloatXPack& value) {   // online softmax of query s
+        const float m_new = fmaxf(m[s], score);
+        const float correction = expf(m[s] - m_new);   // 0 while m is still -inf
+        const float weight = expf(score - m_new);
+        l[s] = l[s] * correction + weight;
+#pragma unroll
+        for (int e = 0; e < kPack; e++) o[s][e] = o[s][e] * correction + weight * to_f32(value.x[e]);
+        m[s] = m_new;
+    };
+    // the new positions, from registers: query s sees t <= s
+#pragma unroll
+    for (int t = 0; t < kNew; t++)
+#pragma unroll
+        for (int s = t; s < kNew; s++) {
+            const float score = score_of(s, k_new[t]);
+            if (visible(p0 + t)) accumulate(s, score, v_new[t]);
+        }
+    // the cached positions j < p0, seen by every new query
+    for (int base = 0; base < p0; base += kChunk) {
         FloatXPack keys[kChunk], values[kChunk];
 #pragma unroll
         for (int u = 0; u < kChunk; u++) {
             const int j = base + u;
-            if (j == p) {
-                keys[u] = k_new;
-                values[u] = v_new;
-            } else if (j < p && visible(j)) {   // an invisible key is never read
-                keys[u] = *reinterpret_cast<const FloatXPack*>(k_cache + cached + (size_t)j * HS);
-                values[u] = *reinterpret_cast<const FloatXPack*>(v_cache + cached + (size_t)j * HS);
-            } else {
-                keys[u] = values[u] = FloatXPack{};
+            const bool read = j < p0 && visible(j);   // an invisible key is never read
+            keys[u] = read ? *reinterpret_cast<const FloatXPack*>(k_cache + cached + (size_t)j * HS) : FloatXPack{};
+            values[u] = read ? *reinterpret_cast<const FloatXPack*>(v_cache + cached + (size_t)j * HS) : FloatXPack{};
+        }
+#pragma unroll
+        for (int u = 0; u < kChunk; u++)
+#pragma unroll
+            for (int s = 0; s < kNew; s++) {
+                const float score = score_of(s, keys[u]);
+                if (base + u < p0 && visible(base + u)) accumulate(s, score, values[u]);
             }
-        }
-#pragma unroll
-        for (int u = 0; u < kChunk; u++) {
-            float score = 0.0f;
-#pragma unroll
-            for (int e = 0; e < kPack; e++) score += q_part[e] * to_f32(keys[u].x[e]);
-#pragma unroll
-            for (int offset = 1; offset < kLanesPerRow; offset *= 2) score += __shfl_xor_sync(0xffffffff, score, offset);
-            if (!visible(base + u)) continue;   // no shuffle below: lanes may part here
-            const float m_new = fmaxf(m, score);
-            const float correction = expf(m - m_new);   // 0 while m is still -inf
-            const float weight = expf(score - m_new);
-            l = l * correction + weight;
-#pragma unroll
-            for (int e = 0; e < kPack; e++) o[e] = o[e] * correction + weight * to_f32(values[u].x[e]);
-            m = m_new;
-        }
     }
     if (!active) return;
-    FloatXPack result;
 #pragma unroll
-    for (int e = 0; e < kPack; e++) result.x[e] = to_floatX(l > 0.0f ? o[e] / l : 0.0f);
-    *reinterpret_cast<FloatXPack*>(out + (size_t)row * HS + d0) = result;
+    for (int s = 0; s < kNew; s++) {
+        FloatXPack result;
+#pragma unroll
+        for (int e = 0; e < kPack; e++) result.x[e] = to_floatX(l[s] > 0.0f ? o[s][e] / l[s] : 0.0f);
+        *reinterpret_cast<FloatXPack*>(out + new_row(s) * HS + d0) = result;
+    }
 }
 
-// One new position per sequence at p0 = (dyn_pos ? *dyn_pos : 0) + pos_offset over a cache of at most kShortCache
-// positions: what rope_append_kv followed by attention_over_cache computes, in one launch (except q, not written).
+// S_new <= kFusedMaxNew new positions per sequence at p0 = (dyn_pos ? *dyn_pos : 0) + pos_offset over a cache of at
+// most kShortCache positions: what rope_append_kv followed by attention_over_cache computes, in one launch (q itself
+// is not written).
+constexpr int kFusedMaxNew = 2;
 inline void rope_append_attend(floatX* out, floatX* k_cache, floatX* v_cache, const floatX* qkv, const float* cos_table,
                                const float* sin_table, const int* pos_shift, const int* key_mask, const int* dyn_pos,
-                               int pos_offset, int nseq, int NH, int HS, int rot, int capacity, cudaStream_t stream) {
-    if (capacity > kShortCache) throw std::runtime_error("rope_append_attend: caches longer than " + std::to_string(kShortCache) + " positions take the unfused path");
-    const int rows = nseq * NH;
-    if (rows == 0) return;
+                               int pos_offset, int nseq, int S_new, int NH, int HS, int rot, int capacity, cudaStream_t stream) {
+    if (capacity > kShortCache || S_new < 1 || S_new > kFusedMaxNew)
+        throw std::runtime_error("rope_append_attend: takes 1 to " + std::to_string(kFusedMaxNew) + " new positions over a cache of at most " +
+                                 std::to_string(kShortCache) + ", not " + std::to_string(S_new) + " over " + std::to_string(capacity));
+    const int heads = nseq * NH;
+    if (heads == 0) return;
     const float scale = 1.0f / std::sqrt((float)HS);
     constexpr int kThreads = 256;
-    const unsigned blocks = (unsigned)(((size_t)rows * (HS / kPack) + kThreads - 1) / kThreads);
+    const unsigned blocks = (unsigned)(((size_t)heads * (HS / kPack) + kThreads - 1) / kThreads);
     auto launch = [&](auto kernel) {
         kernel<<<blocks, kThreads, 0, stream>>>(out, k_cache, v_cache, qkv, cos_table, sin_table, pos_shift, key_mask, dyn_pos,
-                                                pos_offset, rows, NH, rot, capacity, scale);
+                                                pos_offset, heads, NH, rot, capacity, scale);
     };
+    auto launch_for_head_size = [&](auto one_new, auto two_new) { S_new == 1 ? launch(one_new) : launch(two_new); };
     switch (HS) {
-        case 16: launch(rope_append_attend_kernel<16>); break;
-        case 32: launch(rope_append_attend_kernel<32>); break;
-        case 64: launch(rope_append_attend_kernel<64>); break;
-        case 128: launch(rope_append_attend_kernel<128>); break;
+        case 16: launch_for_head_size(rope_append_attend_kernel<16, 1>, rope_append_attend_kernel<16, 2>); break;
+        case 32: launch_for_head_size(rope_append_attend_kernel<32, 1>, rope_append_attend_kernel<32, 2>); break;
+        case 64: launch_for_head_size(rope_append_attend_kernel<64, 1>, rope_append_attend_kernel<64, 2>); break;
+        case 128: launch_for_head_size(rope_append_attend_kernel<128, 1>, rope_append_attend_kernel<128, 2>); break;
         default: throw std::runtime_error("cached attention supports head sizes 16, 32, 64 and 128, not " + std::to_string(HS));
     }
     cudaCheckLaunch();
@@ -3541,9 +3599,9 @@ public:
                               rstd_.data(), ln_input, n, C, gpu.stream);
             if (l > 0) x = x_.data();
             linear_forward(gpu, qkv_.data(), ln1_.data(), w + o.qkv_w, w + o.qkv_b, n, C, 3 * C);
-            if (S_new == 1 && capacity_ <= kShortCache) {   // the token decoder's local steps
+            if (S_new <= kFusedMaxNew && capacity_ <= kShortCache) {   // the token decoder
                 rope_append_attend(att_.data(), k_cache, v_cache, qkv_.data(), rope_cos_.data(), rope_sin_.data(), pos_shift,
-                                   key_mask, dyn_pos, pos_offset, nseq_, NH, HS, cfg_.rotary_dims(), capacity_, gpu.stream);
+                                   key_mask, dyn_pos, pos_offset, nseq_, S_new, NH, HS, cfg_.rotary_dims(), capacity_, gpu.stream);
             } else {
                 rope_append_kv(q_.data(), k_cache, v_cache, qkv_.data(), rope_cos_.data(), rope_sin_.data(), pos_shift, dyn_pos,
                                pos_offset, nseq_, S_new, NH, HS, cfg_.rotary_dims(), capacity_, gpu.stream);

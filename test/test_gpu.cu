@@ -241,9 +241,11 @@ GPU_TEST_CASE("gpu: RoPE + attention forward and backward, token-decoder, block-
 // key; capacities past 256 keys, so every warp of the kernel takes more than one chunk, and short caches (up to
 // kShortCache positions), which get one warp per query row.
 enum class Position { Device, Host };   // p0 from a device counter (a decode graph) or from the host (a prefill)
+// warps_per_row > 0: attention_cached with that many warps a query row; 0: attention_over_cache, the path generation takes.
 static void check_cached_attention(int nseq, int S_new, int NH, int HS, int capacity, int p0, uint32_t seed,
-                                   Position position = Position::Device) {
+                                   Position position = Position::Device, int warps_per_row = 0) {
     CAPTURE(nseq); CAPTURE(S_new); CAPTURE(NH); CAPTURE(HS); CAPTURE(capacity); CAPTURE(p0); CAPTURE(position == Position::Host);
+    CAPTURE(warps_per_row);
     std::mt19937 rng(seed);
     const size_t C = (size_t)NH * HS, cache = (size_t)nseq * NH * capacity * HS;
     TestTensor q = random_tensor(nseq * S_new * C, rng, 0.0f, 2.0f);
@@ -258,8 +260,13 @@ static void check_cached_attention(int nseq, int S_new, int NH, int HS, int capa
     DeviceBuffer<int> dyn_pos(1);
     const int start = position == Position::Device ? p0 / 2 : 0;   // a decode graph: device counter plus offset
     dyn_pos.upload(&start, 1);
-    attention_over_cache(out.data(), q.device.data(), k.device.data(), v.device.data(), key_mask_device.data(),
-                         position == Position::Device ? dyn_pos.data() : nullptr, p0 - start, nseq, S_new, NH, HS, capacity, 0);
+    const int* device_position = position == Position::Device ? dyn_pos.data() : nullptr;
+    if (warps_per_row > 0)
+        attention_cached(out.data(), q.device.data(), k.device.data(), v.device.data(), key_mask_device.data(), device_position,
+                         p0 - start, nseq, S_new, NH, HS, capacity, 0, warps_per_row);
+    else
+        attention_over_cache(out.data(), q.device.data(), k.device.data(), v.device.data(), key_mask_device.data(), device_position,
+                             p0 - start, nseq, S_new, NH, HS, capacity, 0);
     cudaCheck(cudaDeviceSynchronize());
 
     std::vector<float> ref(nseq * S_new * C, 0.0f);
@@ -302,23 +309,29 @@ GPU_TEST_CASE("gpu: cached attention (generation) at every supported head size, 
         // prefills longer than 16 positions at a host position: flash attention in the BF16 build (HS >= 32)
         check_cached_attention(3, 100, 2, HS, 300, 37, 16, Position::Host);
         check_cached_attention(2, 200, 2, HS, 200, 0, 17, Position::Host);
+        // every warps-per-row choice on long caches (the small cases above take 8, or 1 for <= 64 positions)
+        for (int warps : {1, 2, 4}) {
+            check_cached_attention(3, 1, 2, HS, 300, 290, 18, Position::Device, warps);
+            check_cached_attention(4, 3, 1, HS, 600, 517, 19, Position::Device, warps);
+        }
     }
 }
 
-// The fused decode step over a short cache (rope_append_attend) against the CPU reference: q and k of the new
-// position rotated at angle p0 - pos_shift (clamped to 0), k and v appended at p0, the other cache positions left as
-// they were, and attention over the visible positions <= p0. Sequence 1 sees no key (output 0).
-static void check_rope_append_attend(int nseq, int NH, int HS, int capacity, int p0, uint32_t seed) {
-    CAPTURE(nseq); CAPTURE(NH); CAPTURE(HS); CAPTURE(capacity); CAPTURE(p0);
+// The fused decode steps over a short cache (rope_append_attend) against the CPU reference: q and k of the S_new new
+// positions p0 + s rotated at angle p0 + s - pos_shift (clamped to 0), k and v appended there, the other cache
+// positions left as they were, and each new query's attention over the visible positions <= p0 + s. Sequence 1 sees
+// no key (output 0).
+static void check_rope_append_attend(int nseq, int S_new, int NH, int HS, int capacity, int p0, uint32_t seed) {
+    CAPTURE(nseq); CAPTURE(S_new); CAPTURE(NH); CAPTURE(HS); CAPTURE(capacity); CAPTURE(p0);
     std::mt19937 rng(seed);
-    const int rot = HS / 4, rows = nseq * NH;
-    const size_t cache = (size_t)rows * capacity * HS;
-    TestTensor qkv = random_tensor((size_t)rows * 3 * HS, rng, 0.0f, 2.0f);
+    const int rot = HS / 4, heads = nseq * NH;
+    const size_t cache = (size_t)heads * capacity * HS, new_rows = (size_t)nseq * S_new * NH;
+    TestTensor qkv = random_tensor(new_rows * 3 * HS, rng, 0.0f, 2.0f);
     TestTensor k = random_tensor(cache, rng), v = random_tensor(cache, rng);
     std::vector<int> key_mask((size_t)nseq * capacity), pos_shift(nseq);
     for (int seq = 0; seq < nseq; seq++) {
         pos_shift[seq] = 3 * seq;   // the last sequences' angles clamp to 0 when p0 is small
-        for (int j = 0; j < capacity; j++) key_mask[(size_t)seq * capacity + j] = seq != 1 && (j == p0 || rng() % 4 != 0);
+        for (int j = 0; j < capacity; j++) key_mask[(size_t)seq * capacity + j] = seq != 1 && (j >= p0 || rng() % 4 != 0);
     }
     DeviceBuffer<int> key_mask_device(key_mask.size()), pos_shift_device(nseq), dyn_pos(1);
     key_mask_device.upload(key_mask.data(), key_mask.size());
@@ -327,71 +340,83 @@ static void check_rope_append_attend(int nseq, int NH, int HS, int capacity, int
     dyn_pos.upload(&start, 1);
     DeviceBuffer<float> cos_table, sin_table;
     upload_rope_tables(cos_table, sin_table, capacity, rot);
-    auto out = poisoned<floatX>((size_t)rows * HS);
+    auto out = poisoned<floatX>(new_rows * HS);
     rope_append_attend(out.data(), k.device.data(), v.device.data(), qkv.device.data(), cos_table.data(), sin_table.data(),
-                       pos_shift_device.data(), key_mask_device.data(), dyn_pos.data(), p0 - start, nseq, NH, HS, rot, capacity, 0);
+                       pos_shift_device.data(), key_mask_device.data(), dyn_pos.data(), p0 - start, nseq, S_new, NH, HS, rot,
+                       capacity, 0);
     cudaCheck(cudaDeviceSynchronize());
     const std::vector<float> k_after = download(k.device.data(), cache), v_after = download(v.device.data(), cache);
 
-    std::vector<float> out_ref((size_t)rows * HS, 0.0f), k_new_ref, v_new_ref, k_new, v_new;
-    size_t unchanged = 0, changed_elsewhere = 0;
-    const double scale = 1.0 / std::sqrt((double)HS);
-    for (int row = 0; row < rows; row++) {
-        const int seq = row / NH, angle = std::max(0, p0 - pos_shift[seq]);
-        // the reference rotates a sequence's rows by their index: put this head's (q, k, v) at index `angle`
-        std::vector<double> rotated((size_t)(angle + 1) * 3 * HS, 0.0);
-        std::copy(qkv.host.begin() + (size_t)row * 3 * HS, qkv.host.begin() + (size_t)(row + 1) * 3 * HS,
-                  rotated.begin() + (size_t)angle * 3 * HS);
-        ref::rope_forward(rotated.data(), 1, angle + 1, 1, HS, rot);
-        const double* q_rot = rotated.data() + (size_t)angle * 3 * HS;
-        const double* k_rot = q_rot + HS;
-        const double* v_row = q_rot + 2 * HS;
-        const size_t head = (size_t)row * capacity * HS;
-        for (int j = 0; j < capacity; j++)
-            for (int d = 0; d < HS; d++) {
-                const size_t i = head + (size_t)j * HS + d;
-                if (j == p0) continue;
-                (k_after[i] == k.host[i] && v_after[i] == v.host[i] ? unchanged : changed_elsewhere)++;
+    // the reference cache: the new positions' rotated keys and values written in
+    std::vector<double> k_ref(k.host.begin(), k.host.end()), v_ref(v.host.begin(), v.host.end());
+    std::vector<std::vector<double>> q_rot(new_rows);
+    for (int seq = 0; seq < nseq; seq++)
+        for (int s = 0; s < S_new; s++)
+            for (int h = 0; h < NH; h++) {
+                const size_t row = ((size_t)seq * S_new + s) * NH + h;
+                const int angle = std::max(0, p0 + s - pos_shift[seq]);
+                // the reference rotates a sequence's rows by their index: put this head's (q, k, v) at index `angle`
+                std::vector<double> rotated((size_t)(angle + 1) * 3 * HS, 0.0);
+                std::copy(qkv.host.begin() + row * 3 * HS, qkv.host.begin() + (row + 1) * 3 * HS, rotated.begin() + (size_t)angle * 3 * HS);
+                ref::rope_forward(rotated.data(), 1, angle + 1, 1, HS, rot);
+                const double* r = rotated.data() + (size_t)angle * 3 * HS;
+                q_rot[row].assign(r, r + HS);
+                const size_t at = (((size_t)seq * NH + h) * capacity + p0 + s) * HS;
+                std::copy(r + HS, r + 2 * HS, k_ref.begin() + at);
+                std::copy(r + 2 * HS, r + 3 * HS, v_ref.begin() + at);
             }
-        for (int d = 0; d < HS; d++) {
-            k_new_ref.push_back((float)k_rot[d]);
-            v_new_ref.push_back((float)v_row[d]);
-            k_new.push_back(k_after[head + (size_t)p0 * HS + d]);
-            v_new.push_back(v_after[head + (size_t)p0 * HS + d]);
-        }
-        auto value = [&](int j, int d) { return j == p0 ? v_row[d] : (double)v.host[head + (size_t)j * HS + d]; };
-        std::vector<double> score;
-        std::vector<int> keys;
-        for (int j = 0; j <= p0; j++) {
-            if (!key_mask[(size_t)seq * capacity + j]) continue;
-            double dot = 0.0;
-            for (int d = 0; d < HS; d++) dot += q_rot[d] * (j == p0 ? k_rot[d] : (double)k.host[head + (size_t)j * HS + d]);
-            score.push_back(dot * scale);
-            keys.push_back(j);
-        }
-        if (keys.empty()) continue;   // a row that sees no key outputs 0
-        const double max = *std::max_element(score.begin(), score.end());
-        double sum = 0.0;
-        for (double& z : score) sum += (z = std::exp(z - max));
-        for (int d = 0; d < HS; d++) {
-            double acc = 0.0;
-            for (size_t t = 0; t < keys.size(); t++) acc += score[t] / sum * value(keys[t], d);
-            out_ref[(size_t)row * HS + d] = (float)acc;
+    std::vector<float> k_new, v_new, k_new_ref, v_new_ref;
+    size_t unchanged = 0, changed_elsewhere = 0;
+    for (size_t i = 0; i < cache; i++) {
+        const int j = (int)(i / HS % capacity);
+        if (j >= p0 && j < p0 + S_new) {
+            k_new.push_back(k_after[i]), v_new.push_back(v_after[i]);
+            k_new_ref.push_back((float)k_ref[i]), v_new_ref.push_back((float)v_ref[i]);
+        } else {
+            (k_after[i] == k.host[i] && v_after[i] == v.host[i] ? unchanged : changed_elsewhere)++;
         }
     }
     CHECK(changed_elsewhere == 0);
-    CHECK(unchanged == (size_t)rows * (capacity - 1) * HS);
+    CHECK(unchanged == (size_t)heads * (capacity - S_new) * HS);
     CHECK_CLOSE(k_new, k_new_ref, k_new.size(), kKernelTolerance);
     CHECK_CLOSE(v_new, v_new_ref, v_new.size(), kKernelTolerance);
-    CHECK_CLOSE(download(out.data(), (size_t)rows * HS), out_ref, out_ref.size(), kKernelTolerance);
+
+    std::vector<float> out_ref(new_rows * HS, 0.0f);
+    const double scale = 1.0 / std::sqrt((double)HS);
+    for (int seq = 0; seq < nseq; seq++)
+        for (int s = 0; s < S_new; s++)
+            for (int h = 0; h < NH; h++) {
+                const size_t row = ((size_t)seq * S_new + s) * NH + h, head = ((size_t)seq * NH + h) * capacity * HS;
+                std::vector<double> score;
+                std::vector<int> keys;
+                for (int j = 0; j <= p0 + s; j++) {
+                    if (!key_mask[(size_t)seq * capacity + j]) continue;
+                    double dot = 0.0;
+                    for (int d = 0; d < HS; d++) dot += q_rot[row][d] * k_ref[head + (size_t)j * HS + d];
+                    score.push_back(dot * scale);
+                    keys.push_back(j);
+                }
+                if (keys.empty()) continue;   // a query that sees no key outputs 0
+                const double max = *std::max_element(score.begin(), score.end());
+                double sum = 0.0;
+                for (double& z : score) sum += (z = std::exp(z - max));
+                for (int d = 0; d < HS; d++) {
+                    double acc = 0.0;
+                    for (size_t t = 0; t < keys.size(); t++) acc += score[t] / sum * v_ref[head + (size_t)keys[t] * HS + d];
+                    out_ref[row * HS + d] = (float)acc;
+                }
+            }
+    CHECK_CLOSE(download(out.data(), new_rows * HS), out_ref, out_ref.size(), kKernelTolerance);
 }
 
-GPU_TEST_CASE("gpu: fused RoPE + cache append + attention for one new position over a short cache") {
+GPU_TEST_CASE("gpu: fused RoPE + cache append + attention for one or two new positions over a short cache") {
     for (int HS : {16, 32, 64, 128}) {
-        check_rope_append_attend(3, 2, HS, 5, 4, 21);     // the token decoder's last local step (P + LB - 1 = 5)
-        check_rope_append_attend(5, 3, HS, 5, 0, 22);     // the first position: each row sees only its own key
-        check_rope_append_attend(4, 3, HS, 64, 61, 23);   // the longest short cache, rotary angles shifted
-        check_rope_append_attend(7, 1, HS, 9, 6, 24);     // rows that do not fill the last warp
+        check_rope_append_attend(3, 1, 2, HS, 5, 4, 21);     // the token decoder's last local step (P + LB - 1 = 5)
+        check_rope_append_attend(5, 1, 3, HS, 5, 0, 22);     // the first position: each row sees only its own key
+        check_rope_append_attend(4, 1, 3, HS, 64, 61, 23);   // the longest short cache, rotary angles shifted
+        check_rope_append_attend(7, 1, 1, HS, 9, 6, 24);     // heads that do not fill the last warp
+        check_rope_append_attend(6, 2, 2, HS, 5, 0, 25);     // the token decoder's prefix (P = 2) into an empty cache
+        check_rope_append_attend(5, 2, 3, HS, 40, 27, 26);   // two new positions after a cached stretch
     }
 }
 
