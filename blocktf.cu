@@ -3373,7 +3373,7 @@ inline void attention_cached_for_head_size(floatX* out, const floatX* q, const f
     }
 }
 
-// warps_per_row: 0 takes attention_cached_warps_per_row's choice; tests force each of 1, 2, 4 and 8.
+// warps_per_row: 0 takes attention_cached_warps_per_row's choice; tests force 1, 2 and 4 (their small batches take 8).
 inline void attention_cached(floatX* out, const floatX* q, const floatX* k_cache, const floatX* v_cache, const int* key_mask,
                              const int* dyn_pos, int pos_offset, int nseq, int S_new, int NH, int HS, int capacity,
                              cudaStream_t stream, int warps_per_row = 0) {

@@ -240,6 +240,32 @@ GPU_TEST_CASE("gpu: RoPE + attention forward and backward, token-decoder, block-
 // plain loops in double. Key masks with leading padding (left-padded prompts) and one sequence whose queries see no
 // key; capacities past 256 keys, so every warp of the kernel takes more than one chunk, and short caches (up to
 // kShortCache positions), which get one warp per query row.
+// The reference for one query over one head's cache (keys, values: capacity x HS, floats or doubles):
+// softmax(q . k_j / sqrt(HS)) over the positions j <= last with mask[j] = 1, times v_j, into out (HS values); out is
+// left as it was (0) when no position is visible, as the kernels output 0.
+template <typename Query, typename Cached>
+static void reference_cached_attention(float* out, const Query* q, const Cached* keys, const Cached* values, const int* mask,
+                                       int last, int HS) {
+    std::vector<double> score;
+    std::vector<int> visible;
+    for (int j = 0; j <= last; j++) {
+        if (!mask[j]) continue;
+        double dot = 0.0;
+        for (int d = 0; d < HS; d++) dot += (double)q[d] * (double)keys[(size_t)j * HS + d];
+        score.push_back(dot / std::sqrt((double)HS));
+        visible.push_back(j);
+    }
+    if (visible.empty()) return;
+    const double max = *std::max_element(score.begin(), score.end());
+    double sum = 0.0;
+    for (double& z : score) sum += (z = std::exp(z - max));
+    for (int d = 0; d < HS; d++) {
+        double acc = 0.0;
+        for (size_t t = 0; t < visible.size(); t++) acc += score[t] / sum * (double)values[(size_t)visible[t] * HS + d];
+        out[d] = (float)acc;
+    }
+}
+
 enum class Position { Device, Host };   // p0 from a device counter (a decode graph) or from the host (a prefill)
 // warps_per_row > 0: attention_cached with that many warps a query row; 0: attention_over_cache, the path generation takes.
 static void check_cached_attention(int nseq, int S_new, int NH, int HS, int capacity, int p0, uint32_t seed,
@@ -270,31 +296,12 @@ static void check_cached_attention(int nseq, int S_new, int NH, int HS, int capa
     cudaCheck(cudaDeviceSynchronize());
 
     std::vector<float> ref(nseq * S_new * C, 0.0f);
-    const double scale = 1.0 / std::sqrt((double)HS);
     for (int seq = 0; seq < nseq; seq++)
         for (int i = 0; i < S_new; i++)
             for (int h = 0; h < NH; h++) {
-                const float* qi = q.host.data() + ((size_t)seq * S_new + i) * C + (size_t)h * HS;
-                const size_t head = ((size_t)seq * NH + h) * capacity * HS;
-                std::vector<double> score;
-                std::vector<int> keys;
-                for (int j = 0; j <= p0 + i && j < capacity; j++) {
-                    if (!key_mask[(size_t)seq * capacity + j]) continue;
-                    double dot = 0.0;
-                    for (int d = 0; d < HS; d++) dot += (double)qi[d] * k.host[head + (size_t)j * HS + d];
-                    score.push_back(dot * scale);
-                    keys.push_back(j);
-                }
-                if (keys.empty()) continue;   // a query that sees no key outputs 0
-                const double max = *std::max_element(score.begin(), score.end());
-                double sum = 0.0;
-                for (double& z : score) sum += (z = std::exp(z - max));
-                float* o = ref.data() + ((size_t)seq * S_new + i) * C + (size_t)h * HS;
-                for (int d = 0; d < HS; d++) {
-                    double acc = 0.0;
-                    for (size_t t = 0; t < keys.size(); t++) acc += score[t] / sum * v.host[head + (size_t)keys[t] * HS + d];
-                    o[d] = (float)acc;
-                }
+                const size_t row = ((size_t)seq * S_new + i) * C + (size_t)h * HS, head = ((size_t)seq * NH + h) * capacity * HS;
+                reference_cached_attention(ref.data() + row, q.host.data() + row, k.host.data() + head, v.host.data() + head,
+                                           key_mask.data() + (size_t)seq * capacity, std::min(p0 + i, capacity - 1), HS);
             }
     CHECK_CLOSE(download(out.data(), nseq * S_new * C), ref, ref.size(), kKernelTolerance);
 }
@@ -382,29 +389,12 @@ static void check_rope_append_attend(int nseq, int S_new, int NH, int HS, int ca
     CHECK_CLOSE(v_new, v_new_ref, v_new.size(), kKernelTolerance);
 
     std::vector<float> out_ref(new_rows * HS, 0.0f);
-    const double scale = 1.0 / std::sqrt((double)HS);
     for (int seq = 0; seq < nseq; seq++)
         for (int s = 0; s < S_new; s++)
             for (int h = 0; h < NH; h++) {
                 const size_t row = ((size_t)seq * S_new + s) * NH + h, head = ((size_t)seq * NH + h) * capacity * HS;
-                std::vector<double> score;
-                std::vector<int> keys;
-                for (int j = 0; j <= p0 + s; j++) {
-                    if (!key_mask[(size_t)seq * capacity + j]) continue;
-                    double dot = 0.0;
-                    for (int d = 0; d < HS; d++) dot += q_rot[row][d] * k_ref[head + (size_t)j * HS + d];
-                    score.push_back(dot * scale);
-                    keys.push_back(j);
-                }
-                if (keys.empty()) continue;   // a query that sees no key outputs 0
-                const double max = *std::max_element(score.begin(), score.end());
-                double sum = 0.0;
-                for (double& z : score) sum += (z = std::exp(z - max));
-                for (int d = 0; d < HS; d++) {
-                    double acc = 0.0;
-                    for (size_t t = 0; t < keys.size(); t++) acc += score[t] / sum * v_ref[head + (size_t)keys[t] * HS + d];
-                    out_ref[row * HS + d] = (float)acc;
-                }
+                reference_cached_attention(out_ref.data() + row * HS, q_rot[row].data(), k_ref.data() + head, v_ref.data() + head,
+                                           key_mask.data() + (size_t)seq * capacity, p0 + s, HS);
             }
     CHECK_CLOSE(download(out.data(), new_rows * HS), out_ref, out_ref.size(), kKernelTolerance);
 }
