@@ -296,7 +296,7 @@ struct LayerNormInput {
     const floatX* branch_a = nullptr;
     const floatX* branch_b = nullptr;
     floatX* sum_out = nullptr;   // may alias x (each element is read before it is written, by the same thread)
-    LayerNormInput(const floatX* x) : x(x) {}
+    LayerNormInput(const floatX* x) : x(x) {}   // implicit: a plain x is passed as itself
     LayerNormInput(const floatX* x, const floatX* branch_a, const floatX* branch_b, floatX* sum_out)
         : x(x), branch_a(branch_a), branch_b(branch_b), sum_out(sum_out) {}
 };
