@@ -1242,24 +1242,34 @@ __device__ __forceinline__ void load_a(uint32_t (&a)[kGroups][K / 16][4], uint32
             ldmatrix_x4(a[mr][kk], tile + ((row0 + 16 * mr + lane % 16) * kLd + 16 * kk + 8 * (lane / 16)) * 2);
 }
 
-// acc[mr] (16 x N) += A[mr] (16 x K) · T^T, T the stored tile (rows 0..N-1, columns 0..K-1) at shared address tile.
-template <int kGroups, int N, int K, int kLd>
-__device__ __forceinline__ void mma_a_bt(float (&acc)[kGroups][N / 8][4], const uint32_t (&a)[kGroups][K / 16][4],
-                                         uint32_t tile) {
-    const int lane = threadIdx.x % 32;
-    const uint32_t lane_offset = ((lane % 8 + 8 * (lane / 16)) * kLd + 8 * ((lane / 8) % 2)) * 2;
+// acc[mr] (16 x N) += A[mr] (16 x K) · B (K x N) for every row group mr, B's fragments (k step kk, column pair np: a
+// 16 x 16 block as two n8 halves) loaded by load_b(b, kk, np) from shared memory.
+template <int kGroups, int N, int K, typename LoadB>
+__device__ __forceinline__ void mma_tile(float (&acc)[kGroups][N / 8][4], const uint32_t (&a)[kGroups][K / 16][4],
+                                         LoadB load_b) {
 #pragma unroll
     for (int kk = 0; kk < K / 16; kk++)
 #pragma unroll
         for (int np = 0; np < N / 16; np++) {
             uint32_t b[4];
-            ldmatrix_x4(b, tile + lane_offset + (16 * np * kLd + 16 * kk) * 2);
+            load_b(b, kk, np);
 #pragma unroll
             for (int mr = 0; mr < kGroups; mr++) {
                 mma_16816(acc[mr][2 * np], a[mr][kk], b[0], b[1]);
                 mma_16816(acc[mr][2 * np + 1], a[mr][kk], b[2], b[3]);
             }
         }
+}
+
+// acc[mr] (16 x N) += A[mr] (16 x K) · T^T, T the stored tile (rows 0..N-1, columns 0..K-1) at shared address tile.
+template <int kGroups, int N, int K, int kLd>
+__device__ __forceinline__ void mma_a_bt(float (&acc)[kGroups][N / 8][4], const uint32_t (&a)[kGroups][K / 16][4],
+                                         uint32_t tile) {
+    const int lane = threadIdx.x % 32;
+    const uint32_t lane_offset = ((lane % 8 + 8 * (lane / 16)) * kLd + 8 * ((lane / 8) % 2)) * 2;
+    mma_tile<kGroups, N, K>(acc, a, [&](uint32_t (&b)[4], int kk, int np) {
+        ldmatrix_x4(b, tile + lane_offset + (16 * np * kLd + 16 * kk) * 2);
+    });
 }
 
 // The same for one row group whose A fragments are read from shared memory as they are needed (rows row0..row0+15
@@ -1289,18 +1299,9 @@ __device__ __forceinline__ void mma_a_b(float (&acc)[kGroups][N / 8][4], const u
                                         uint32_t tile) {
     const int lane = threadIdx.x % 32;
     const uint32_t lane_offset = ((lane % 16) * kLd + 8 * (lane / 16)) * 2;
-#pragma unroll
-    for (int kk = 0; kk < K / 16; kk++)
-#pragma unroll
-        for (int np = 0; np < N / 16; np++) {
-            uint32_t b[4];
-            ldmatrix_x4_trans(b, tile + lane_offset + (16 * kk * kLd + 16 * np) * 2);
-#pragma unroll
-            for (int mr = 0; mr < kGroups; mr++) {
-                mma_16816(acc[mr][2 * np], a[mr][kk], b[0], b[1]);
-                mma_16816(acc[mr][2 * np + 1], a[mr][kk], b[2], b[3]);
-            }
-        }
+    mma_tile<kGroups, N, K>(acc, a, [&](uint32_t (&b)[4], int kk, int np) {
+        ldmatrix_x4_trans(b, tile + lane_offset + (16 * kk * kLd + 16 * np) * 2);
+    });
 }
 
 // C fragments of a (16 x N) fp32 result -> A fragments (bf16) of the same matrix as a left operand (the flash section's header).
