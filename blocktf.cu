@@ -131,6 +131,13 @@ __device__ inline float warp_max(float x) {
     for (int offset = 16; offset > 0; offset >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffff, x, offset));
     return x;
 }
+// Sum over each aligned group of G lanes (G a power of 2 dividing 32); every lane of the warp must take part.
+template <int G>
+__device__ inline float group_sum(float x) {
+#pragma unroll
+    for (int offset = 1; offset < G; offset *= 2) x += __shfl_xor_sync(0xffffffff, x, offset);
+    return x;
+}
 
 // Sum over a thread block in a fixed order (warps, then warp 0 over the warp results): deterministic.
 // Every thread gets the result. shared: at least 32 floats.
@@ -158,6 +165,30 @@ constexpr int kPack = 16 / sizeof(floatX);
 struct alignas(16) FloatXPack {
     floatX x[kPack];
 };
+// One pack (kPack values from a 16-byte aligned src) as floats, and back; load_floats and store_floats move as many
+// fp32 values (as float4s).
+__device__ inline void load_pack(float (&x)[kPack], const floatX* src) {
+    const FloatXPack packed = *reinterpret_cast<const FloatXPack*>(src);
+#pragma unroll
+    for (int e = 0; e < kPack; e++) x[e] = to_f32(packed.x[e]);
+}
+__device__ inline void store_pack(floatX* dst, const float (&x)[kPack]) {
+    FloatXPack packed;
+#pragma unroll
+    for (int e = 0; e < kPack; e++) packed.x[e] = to_floatX(x[e]);
+    *reinterpret_cast<FloatXPack*>(dst) = packed;
+}
+__device__ inline void load_floats(float (&x)[kPack], const float* src) {
+#pragma unroll
+    for (int f = 0; f < kPack / 4; f++) {
+        const float4 four = reinterpret_cast<const float4*>(src)[f];
+        x[4 * f] = four.x, x[4 * f + 1] = four.y, x[4 * f + 2] = four.z, x[4 * f + 3] = four.w;
+    }
+}
+__device__ inline void store_floats(float* dst, const float (&x)[kPack]) {
+#pragma unroll
+    for (int f = 0; f < kPack / 4; f++) reinterpret_cast<float4*>(dst)[f] = make_float4(x[4 * f], x[4 * f + 1], x[4 * f + 2], x[4 * f + 3]);
+}
 
 // Grid for one thread per element with a grid-stride loop (any n fits).
 inline int grid_for(size_t n, int block_size) {
@@ -711,6 +742,57 @@ __global__ void permute_heads_kernel(floatX* out, const floatX* inp, int nseq, i
 }
 
 // ----------------------------------------------------------------------------------------------------------------
+// Shared memory: asynchronous copies from device memory (inline PTX), and the opt-in to more than 48 KB a block.
+
+// The most shared memory one block may have on this device (with the opt-in), in bytes.
+inline size_t max_block_smem() {
+    static const int limit = [] {
+        int device = 0, bytes = 0;
+        cudaCheck(cudaGetDevice(&device));
+        cudaCheck(cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+        return bytes;
+    }();
+    return (size_t)limit;
+}
+
+// Raises a kernel's dynamic shared-memory limit to bytes (needed above 48 KB), after checking the device has them,
+// and asks for the largest shared-memory carveout, so that the blocks per SM the kernel was built for fit.
+template <typename Kernel>
+inline void allow_dynamic_smem(Kernel* kernel, size_t bytes, const char* who) {
+    const size_t device_limit = max_block_smem();
+    if (bytes > device_limit)
+        throw std::runtime_error(std::string(who) + ": needs " + std::to_string(bytes) + " bytes of shared memory per block, the device has " +
+                                 std::to_string(device_limit));
+    cudaCheck(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes));
+    cudaCheck(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, (int)cudaSharedmemCarveoutMaxShared));
+}
+
+// Shared-memory address (as ldmatrix and cp.async take it) of a generic pointer into shared memory.
+__device__ __forceinline__ uint32_t smem_address(const void* p) {
+    return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// Asynchronous global -> shared copies: 16 bytes (.cg: bypasses L1) or 4 bytes (.ca); only src_bytes (0 or the full
+// size) are read, the rest of the destination is zero-filled. src must be a valid, aligned address even when
+// src_bytes is 0 (callers pass the matrix's first row then).
+__device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, int src_bytes) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes));
+}
+__device__ __forceinline__ void cp_async_4(uint32_t dst, const void* src, int src_bytes) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes));
+}
+// Closes the group of this thread's copies issued since the last commit (an empty group is fine).
+__device__ __forceinline__ void cp_async_commit() {
+    asm volatile("cp.async.commit_group;\n" ::);
+}
+// Waits until at most kPending of this thread's committed groups are still in flight. Other threads' copies become
+// visible only after a __syncthreads that follows their own wait.
+template <int kPending>
+__device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
+}
+
+// ----------------------------------------------------------------------------------------------------------------
 // Attention (SPEC 1.1.5): causal, key-padding mask, scale HS^-0.5. Per (sequence, head): scores = q k^T · scale,
 // masked softmax, out = probs · v. Three implementations behind attention_forward/backward (attention_path picks):
 // short sequences (the token decoder) take the fused small kernels; longer ones flash attention in the BF16 build,
@@ -753,174 +835,199 @@ __global__ void attention_softmax_backward_kernel(floatX* dscores, const floatX*
 // Small attention: S <= 16 (the token decoder: S = P + LB - 1 = 5 in every paper config), one fused kernel per
 // direction instead of the batched GEMMs and softmax kernels below, which cost 5x more at these sizes (dev/NOTES.md).
 //
-// One warp per (sequence, head); the warps of a block are independent (no block barrier, a warp past the last head
-// returns). Lane l owns dims d = l + 32u of every row (u < HS/32; with HS = 16, lanes 16..31 hold zeros). The head's
-// rows sit in shared memory in lane-owned slots [row][u][lane]: a lane only ever touches its own words, so there
-// are no bank conflicts and no __syncwarp. A dot product is a warp sum; lane j keeps the score of key j (S <= 32),
-// so the softmax is two warp reductions and p_ij reaches every lane by a shuffle. fp32 math, nothing (S, S) in
-// device memory; the backward recomputes the probabilities.
+// A group of G = HS / kPack lanes serves one (sequence, head): lane g owns dims [g kPack, (g + 1) kPack) of every
+// row, one 16-byte pack, so a warp serves 32 / G heads. Each lane first copies its packs of the head's rows into
+// the head's slot of shared memory with cp.async, all copies in flight at once and no registers held (read one row
+// at a time, the loads' latency bounded the kernel); a lane reads back only its own packs, so its own wait is the
+// only synchronisation. A dot product is kPack FMAs and log2(G) shuffles inside the group (group_sum), after which
+// every lane of the group holds it: each lane keeps its query's scores in registers (s[j], j < kSmallMaxS, loops
+// unrolled) and does the softmax itself. The query loop runs the same count in every lane, so the shuffles never
+// diverge; lanes past the last head compute on a copy of it and store nothing. fp32 math, nothing (S, S) in device
+// memory; the backward recomputes the probabilities and keeps them, and the score gradients, in the slot for its
+// key pass.
 //
 // One call, H = nseq*NH heads, E = H*S*HS elements per tensor: the forward reads q, k, v and writes out (4E floatX)
 // for 2·E·(S+1) FLOPs (causal: S(S+1)/2 pairs of 4·HS); the backward reads q, k, v, dout and writes dq, dk, dv (7E
 // floatX) for 5·E·(S+1) FLOPs. At S = 5 that is under 2 FLOPs per byte: memory-bound by far.
 
 constexpr int kSmallMaxS = 16;
-constexpr int kSmallMaxWarps = 8;                     // heads per block at most
-constexpr size_t kSmallSmemPerBlock = 48 << 10;       // within the default dynamic shared-memory limit: no opt-in
+constexpr int kSmallMaxWarps = 8;                     // warps per block at most
+constexpr size_t kSmallSmemPerBlock = 64 << 10;       // one warp of the largest slots (S = 16) fits
 
-__host__ __device__ constexpr int small_dims_per_lane(int HS) { return (HS + 31) / 32; }
-
-// Softmax across the lanes of a warp: lane j holds s_j (-inf for a key it must not see); returns p_j. When every
-// lane holds -inf (a query that sees no key), every p_j is 0.
-__device__ inline float lane_softmax(float s) {
-    const float max_s = warp_max(s);
-    const float e = s == -INFINITY ? 0.0f : expf(s - max_s);
-    const float sum = warp_sum(e);
-    return sum > 0.0f ? e / sum : 0.0f;
+// Bytes of one head's slot: `matrices` (S, HS) floatX matrices, then (backward) p and ds, (S, S) fp32 each; rounded to
+// 16 so every slot starts 16-byte aligned.
+__host__ __device__ inline size_t small_slot_bytes(int matrices, bool scores, int S, int HS) {
+    const size_t bytes = (size_t)matrices * S * HS * sizeof(floatX) + (scores ? 2 * (size_t)S * S * sizeof(float) : 0);
+    return (bytes + 15) / 16 * 16;
 }
+
+// This lane's packs of rows 0..S-1 (stride values apart from src) to staged[j * HS], in flight until cp_async_wait.
+template <int HS>
+__device__ inline void stage_rows(floatX* staged, const floatX* src, size_t stride, int S) {
+    for (int j = 0; j < S; j++) cp_async_16(smem_address(staged + j * HS), src + j * stride, 16);
+}
+// a · (this lane's pack of row), summed over the group of G lanes that holds the whole row.
+template <int G>
+__device__ inline float group_dot(const float (&a)[kPack], const floatX* row) {
+    float b[kPack];
+    load_pack(b, row);
+    float dot = 0.0f;
+#pragma unroll
+    for (int e = 0; e < kPack; e++) dot += a[e] * b[e];
+    return group_sum<G>(dot);
+}
+// acc += weight · (this lane's pack of row)
+__device__ inline void add_scaled_pack(float (&acc)[kPack], float weight, const floatX* row) {
+    float b[kPack];
+    load_pack(b, row);
+#pragma unroll
+    for (int e = 0; e < kPack; e++) acc[e] += weight * b[e];
+}
+
+// The lane's place: head = seq * NH + h (the last head for lanes past it: active false), its first dim d0, and its
+// head's slot of shared memory (slot_bytes each).
+template <int HS>
+struct SmallLane {
+    static constexpr int G = HS / kPack;   // lanes per head
+    static_assert(HS % kPack == 0 && 32 % G == 0, "a head must be whole 16-byte packs, a warp whole heads");
+    size_t head, seq;
+    int h, d0;
+    bool active;
+    unsigned char* slot;
+    __device__ SmallLane(size_t heads, int NH, unsigned char* smem, size_t slot_bytes) {
+        const size_t global_slot = ((size_t)blockIdx.x * blockDim.x + threadIdx.x) / G;
+        active = global_slot < heads;
+        head = active ? global_slot : heads - 1;
+        seq = head / NH;
+        h = head % NH;
+        d0 = threadIdx.x % G * kPack;
+        slot = smem + threadIdx.x / G * slot_bytes;
+    }
+    // Matrix m of the slot, at this lane's first dim.
+    __device__ floatX* staged(int m, int S) const { return reinterpret_cast<floatX*>(slot) + (size_t)m * S * HS + d0; }
+};
 
 // Bit j set: key j of this sequence is visible (j < S <= 32). mask_row: (S) ints.
 __device__ inline unsigned visible_key_bits(const int* mask_row, int S) {
-    const int lane = threadIdx.x % 32;
-    return __ballot_sync(0xffffffffu, lane < S && mask_row[lane] != 0);
+    unsigned bits = 0;
+    for (int j = 0; j < S; j++) bits |= (mask_row[j] != 0 ? 1u : 0u) << j;
+    return bits;
 }
 
-// Rows 0..S-1 of one head (row j at src + j * stride, HS floatX) into lane-owned fp32 slots dst[(j*U + u)*32 + lane].
-template <int HS>
-__device__ inline void small_load_head(float* dst, const floatX* src, size_t stride, int S) {
-    constexpr int U = small_dims_per_lane(HS);
-    const int lane = threadIdx.x % 32;
-#pragma unroll 4
-    for (int j = 0; j < S; j++)
+// s[j]: score of key j, -inf for a key not seen. In place: the softmax over the seen keys (all 0 if none is).
+__device__ inline void small_softmax(float (&s)[kSmallMaxS]) {
+    float max_s = -INFINITY;
 #pragma unroll
-        for (int u = 0; u < U; u++) {
-            const int d = lane + 32 * u;
-            dst[(j * U + u) * 32 + lane] = d < HS ? to_f32(src[j * stride + d]) : 0.0f;
+    for (int j = 0; j < kSmallMaxS; j++) max_s = fmaxf(max_s, s[j]);
+    float sum = 0.0f;
+#pragma unroll
+    for (int j = 0; j < kSmallMaxS; j++) {
+        s[j] = s[j] == -INFINITY ? 0.0f : expf(s[j] - max_s);
+        sum += s[j];
+    }
+    const float inv_sum = sum > 0.0f ? 1.0f / sum : 0.0f;
+#pragma unroll
+    for (int j = 0; j < kSmallMaxS; j++) s[j] *= inv_sum;
+}
+
+// Scores of query i (this lane's pack qi) over keys j <= i (rows HS apart from keys), scaled, -inf for a masked key.
+// Every lane computes every dot product (the shuffles must not diverge).
+template <int HS>
+__device__ inline void small_scores(float (&s)[kSmallMaxS], const float (&qi)[kPack], const floatX* keys, int i,
+                                    unsigned visible, float scale) {
+#pragma unroll
+    for (int j = 0; j < kSmallMaxS; j++) {
+        s[j] = -INFINITY;
+        if (j <= i) {
+            const float dot = group_dot<SmallLane<HS>::G>(qi, keys + j * HS) * scale;
+            if ((visible >> j) & 1u) s[j] = dot;
         }
-}
-
-// One row of HS values from this lane's registers (or slots 32 apart, slot_stride 32) to dst[d], times factor.
-template <int HS>
-__device__ inline void small_store_row(floatX* dst, const float* values, int slot_stride, float factor) {
-    const int lane = threadIdx.x % 32;
-#pragma unroll
-    for (int u = 0; u < small_dims_per_lane(HS); u++) {
-        const int d = lane + 32 * u;
-        if (d < HS) dst[d] = to_floatX(values[u * slot_stride] * factor);
     }
 }
 
-// Forward. Per warp, shared memory holds q, k, v of its head: 3 (S, 32U) fp32 blocks of lane-owned slots.
-// Per query i: s_ij = warp sums of q_i·k_j (lane j keeps it), p = lane_softmax, out_i = Σ_j p_ij v_j (shuffles).
+extern __shared__ __align__(16) unsigned char small_smem[];
+
+// Forward. Slot: q, k, v of the head. Per query i: its scores and softmax in registers, out_i = Σ_j p_ij v_j.
 template <int HS>
 __global__ void __launch_bounds__(kSmallMaxWarps * 32)
 small_attention_forward_kernel(floatX* out, const floatX* q, const floatX* k, const floatX* v, const int* key_mask,
                                int nseq, int S, int NH, float scale) {
-    constexpr int U = small_dims_per_lane(HS);
-    extern __shared__ float small_smem[];
-    const int warps = blockDim.x / 32, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    const size_t head = (size_t)blockIdx.x * warps + warp;   // seq * NH + h
-    if (head >= (size_t)nseq * NH) return;                   // the whole warp: no barrier follows
-    const size_t seq = head / NH;
-    const int h = head % NH;
-    const size_t block_floats = (size_t)S * U * 32;          // one (S, HS) matrix in lane-owned slots
-    float* qs = small_smem + warp * 3 * block_floats;
-    float* ks = qs + block_floats;
-    float* vs = ks + block_floats;
-    const size_t head_offset = head * S * HS;
-    small_load_head<HS>(qs, q + head_offset, HS, S);
-    small_load_head<HS>(ks, k + head_offset, HS, S);
-    small_load_head<HS>(vs, v + head_offset, HS, S);
-    const unsigned visible = visible_key_bits(key_mask + seq * S, S);
-
+    const SmallLane<HS> lane((size_t)nseq * NH, NH, small_smem, small_slot_bytes(3, false, S, HS));
+    const size_t head_offset = lane.head * S * HS + lane.d0;
+    floatX *qs = lane.staged(0, S), *ks = lane.staged(1, S), *vs = lane.staged(2, S);
+    stage_rows<HS>(qs, q + head_offset, HS, S);
+    stage_rows<HS>(ks, k + head_offset, HS, S);
+    stage_rows<HS>(vs, v + head_offset, HS, S);
+    cp_async_commit();
+    const unsigned visible = visible_key_bits(key_mask + lane.seq * S, S);
+    cp_async_wait<0>();
     for (int i = 0; i < S; i++) {
-        const float* qi = qs + i * U * 32 + lane;            // this lane's dims of q_i, 32 floats apart
-        float score = -INFINITY;                             // lane j: s_ij
-        for (int j = 0; j <= i; j++) {
-            if (!((visible >> j) & 1u)) continue;            // the same branch in every lane
-            float dot = 0.0f;
+        float qi[kPack], p[kSmallMaxS], o[kPack] = {};
+        load_pack(qi, qs + i * HS);
+        small_scores<HS>(p, qi, ks, i, visible, scale);
+        small_softmax(p);
 #pragma unroll
-            for (int u = 0; u < U; u++) dot += qi[u * 32] * ks[(j * U + u) * 32 + lane];
-            dot = warp_sum(dot) * scale;
-            if (lane == j) score = dot;
-        }
-        const float p = lane_softmax(score);
-        float o[U] = {};
-        for (int j = 0; j <= i; j++) {
-            const float pj = __shfl_sync(0xffffffffu, p, j);
-#pragma unroll
-            for (int u = 0; u < U; u++) o[u] += pj * vs[(j * U + u) * 32 + lane];
-        }
-        small_store_row<HS>(out + ((seq * S + i) * NH + h) * HS, o, 1, 1.0f);
+        for (int j = 0; j < kSmallMaxS; j++)
+            if (j <= i) add_scaled_pack(o, p[j], vs + j * HS);
+        if (lane.active) store_pack(out + ((lane.seq * S + i) * NH + lane.h) * HS + lane.d0, o);
     }
 }
 
-// Backward. Per warp, shared memory holds q, k, v, dout of its head and the dk, dv accumulators: 6 (S, 32U) fp32
-// blocks. Per query i: s_ij and dp_ij = dO_i·v_j by warp sums (lane j keeps them), p = lane_softmax,
-// δ_i = Σ_j p_ij dp_ij (one more warp sum), ds_ij = p_ij (dp_ij - δ_i) / sqrt(HS); then for each visible j:
-// dv_j += p_ij dO_i, dk_j += ds_ij q_i, dq_i += ds_ij k_j. dq_i is written after its row, dk and dv at the end.
+// Backward. Slot: q, k, v, dout of the head, then p and ds. Query pass, per query i: s_ij and dp_ij = dO_i·v_j,
+// p = softmax, δ_i = Σ_j p_ij dp_ij, ds_ij = p_ij (dp_ij - δ_i) / sqrt(HS), dq_i = Σ_j ds_ij k_j; p_ij and ds_ij go
+// to the slot. Key pass, per key j: dk_j = Σ_{i>=j} ds_ij q_i, dv_j = Σ_{i>=j} p_ij dO_i.
 template <int HS>
 __global__ void __launch_bounds__(kSmallMaxWarps * 32)
 small_attention_backward_kernel(floatX* dq, floatX* dk, floatX* dv, const floatX* dout, const floatX* q, const floatX* k,
                                 const floatX* v, const int* key_mask, int nseq, int S, int NH, float scale) {
-    constexpr int U = small_dims_per_lane(HS);
-    extern __shared__ float small_smem[];
-    const int warps = blockDim.x / 32, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    const size_t head = (size_t)blockIdx.x * warps + warp;
-    if (head >= (size_t)nseq * NH) return;
-    const size_t seq = head / NH;
-    const int h = head % NH;
-    const size_t block_floats = (size_t)S * U * 32;
-    float* qs = small_smem + warp * 6 * block_floats;
-    float* ks = qs + block_floats;
-    float* vs = ks + block_floats;
-    float* dos = vs + block_floats;
-    float* dks = dos + block_floats;
-    float* dvs = dks + block_floats;                         // dks and dvs are contiguous: zeroed together
-    const size_t head_offset = head * S * HS;
-    small_load_head<HS>(qs, q + head_offset, HS, S);
-    small_load_head<HS>(ks, k + head_offset, HS, S);
-    small_load_head<HS>(vs, v + head_offset, HS, S);
-    small_load_head<HS>(dos, dout + (seq * S * NH + h) * HS, (size_t)NH * HS, S);   // row i at ((seq*S + i)*NH + h)*HS
-    for (size_t e = lane; e < 2 * block_floats; e += 32) dks[e] = 0.0f;             // slot e belongs to lane e % 32
-    const unsigned visible = visible_key_bits(key_mask + seq * S, S);
+    const SmallLane<HS> lane((size_t)nseq * NH, NH, small_smem, small_slot_bytes(4, true, S, HS));
+    const size_t head_offset = lane.head * S * HS + lane.d0;
+    floatX *qs = lane.staged(0, S), *ks = lane.staged(1, S), *vs = lane.staged(2, S), *dos = lane.staged(3, S);
+    stage_rows<HS>(qs, q + head_offset, HS, S);
+    stage_rows<HS>(ks, k + head_offset, HS, S);
+    stage_rows<HS>(vs, v + head_offset, HS, S);
+    stage_rows<HS>(dos, dout + (lane.seq * S * NH + lane.h) * HS + lane.d0, (size_t)NH * HS, S);   // row i: token i
+    cp_async_commit();
+    float* probs = reinterpret_cast<float*>(lane.slot + 4 * (size_t)S * HS * sizeof(floatX));   // [i][j]
+    float* dscores = probs + S * S;
+    const bool writer = lane.d0 == 0;   // every lane of the group holds the same p and ds: one writes them
+    const unsigned visible = visible_key_bits(key_mask + lane.seq * S, S);
+    cp_async_wait<0>();
 
     for (int i = 0; i < S; i++) {
-        const float* qi = qs + i * U * 32 + lane;
-        const float* doi = dos + i * U * 32 + lane;
-        float score = -INFINITY, dprob = 0.0f;               // lane j: s_ij, dp_ij
-        for (int j = 0; j <= i; j++) {
-            if (!((visible >> j) & 1u)) continue;
-            float qk = 0.0f, dov = 0.0f;
+        float qi[kPack], doi[kPack], p[kSmallMaxS], dp[kSmallMaxS], dqi[kPack] = {};
+        load_pack(qi, qs + i * HS);
+        load_pack(doi, dos + i * HS);
+        small_scores<HS>(p, qi, ks, i, visible, scale);
 #pragma unroll
-            for (int u = 0; u < U; u++) {
-                qk += qi[u * 32] * ks[(j * U + u) * 32 + lane];
-                dov += doi[u * 32] * vs[(j * U + u) * 32 + lane];
-            }
-            qk = warp_sum(qk) * scale;
-            dov = warp_sum(dov);
-            if (lane == j) { score = qk; dprob = dov; }
-        }
-        const float p = lane_softmax(score);
-        const float delta = warp_sum(p * dprob);            // lanes without a visible key: p = 0, dprob = 0
-        const float ds = p * (dprob - delta) * scale;        // gradient of q_i·k_j
-        float dqi[U] = {};
-        for (int j = 0; j <= i; j++) {
-            if (!((visible >> j) & 1u)) continue;
-            const float pj = __shfl_sync(0xffffffffu, p, j), dsj = __shfl_sync(0xffffffffu, ds, j);
+        for (int j = 0; j < kSmallMaxS; j++) dp[j] = j <= i ? group_dot<SmallLane<HS>::G>(doi, vs + j * HS) : 0.0f;
+        small_softmax(p);
+        float delta = 0.0f;
 #pragma unroll
-            for (int u = 0; u < U; u++) {
-                const int slot = (j * U + u) * 32 + lane;
-                dvs[slot] += pj * doi[u * 32];
-                dks[slot] += dsj * qi[u * 32];
-                dqi[u] += dsj * ks[slot];
+        for (int j = 0; j < kSmallMaxS; j++) delta += p[j] * dp[j];
+#pragma unroll
+        for (int j = 0; j < kSmallMaxS; j++)
+            if (j <= i) {
+                const float ds = p[j] * (dp[j] - delta) * scale;   // gradient of q_i·k_j
+                add_scaled_pack(dqi, ds, ks + j * HS);
+                if (writer) {
+                    probs[i * S + j] = p[j];
+                    dscores[i * S + j] = ds;
+                }
             }
-        }
-        small_store_row<HS>(dq + head_offset + (size_t)i * HS, dqi, 1, 1.0f);
+        if (lane.active) store_pack(dq + head_offset + (size_t)i * HS, dqi);
     }
+    __syncwarp();   // the group's writer and readers share a warp
     for (int j = 0; j < S; j++) {
-        small_store_row<HS>(dk + head_offset + (size_t)j * HS, dks + j * U * 32 + lane, 32, 1.0f);
-        small_store_row<HS>(dv + head_offset + (size_t)j * HS, dvs + j * U * 32 + lane, 32, 1.0f);
+        float dkj[kPack] = {}, dvj[kPack] = {};
+        for (int i = j; i < S; i++) {
+            add_scaled_pack(dkj, dscores[i * S + j], qs + i * HS);
+            add_scaled_pack(dvj, probs[i * S + j], dos + i * HS);
+        }
+        if (lane.active) {
+            store_pack(dk + head_offset + (size_t)j * HS, dkj);
+            store_pack(dv + head_offset + (size_t)j * HS, dvj);
+        }
     }
 }
 
@@ -931,24 +1038,26 @@ inline void check_small_attention_shape(const char* who, int nseq, int S, int NH
     if ((size_t)nseq * NH > 0x7fffffffull) throw std::runtime_error(std::string(who) + ": too many heads for one grid");
 }
 
-// Grid of the small kernels: one warp per head, as many warps per block as fit kSmallSmemPerBlock, each warp with
-// `matrices` fp32 (S, 32U) blocks of shared memory.
+// Grid of the small kernels: HS / kPack lanes per head, kSmallMaxWarps warps per block, fewer when the heads' slots
+// (slot_bytes each) would pass kSmallSmemPerBlock.
 struct SmallLaunch {
     unsigned blocks;
     int threads;
     size_t smem;
 };
-inline SmallLaunch small_attention_launch(int matrices, int HS, int nseq, int S, int NH) {
-    const size_t per_warp = (size_t)matrices * S * small_dims_per_lane(HS) * 32 * sizeof(float);
-    const int warps = (int)std::max<size_t>(1, std::min<size_t>(kSmallMaxWarps, kSmallSmemPerBlock / per_warp));
-    const size_t heads = (size_t)nseq * NH;
-    return {(unsigned)((heads + warps - 1) / warps), warps * 32, warps * per_warp};
+inline SmallLaunch small_attention_launch(int HS, size_t heads, size_t slot_bytes) {
+    const int heads_per_warp = 32 / (HS / kPack);
+    const size_t smem_per_warp = slot_bytes * heads_per_warp;
+    const int warps = (int)std::max<size_t>(1, std::min<size_t>(kSmallMaxWarps, kSmallSmemPerBlock / smem_per_warp));
+    const size_t heads_per_block = (size_t)warps * heads_per_warp;
+    return {(unsigned)((heads + heads_per_block - 1) / heads_per_block), warps * 32, warps * smem_per_warp};
 }
 
 template <int HS>
 inline void small_attention_forward_launch(floatX* out, const floatX* q, const floatX* k, const floatX* v,
                                            const int* key_mask, int nseq, int S, int NH, cudaStream_t stream) {
-    const SmallLaunch launch = small_attention_launch(3, HS, nseq, S, NH);
+    const SmallLaunch launch = small_attention_launch(HS, (size_t)nseq * NH, small_slot_bytes(3, false, S, HS));
+    allow_dynamic_smem(small_attention_forward_kernel<HS>, launch.smem, "small attention forward");
     small_attention_forward_kernel<HS><<<launch.blocks, launch.threads, launch.smem, stream>>>(
         out, q, k, v, key_mask, nseq, S, NH, 1.0f / std::sqrt((float)HS));
     cudaCheckLaunch();
@@ -958,7 +1067,8 @@ template <int HS>
 inline void small_attention_backward_launch(floatX* dq, floatX* dk, floatX* dv, const floatX* dout, const floatX* q,
                                             const floatX* k, const floatX* v, const int* key_mask, int nseq, int S,
                                             int NH, cudaStream_t stream) {
-    const SmallLaunch launch = small_attention_launch(6, HS, nseq, S, NH);
+    const SmallLaunch launch = small_attention_launch(HS, (size_t)nseq * NH, small_slot_bytes(4, true, S, HS));
+    allow_dynamic_smem(small_attention_backward_kernel<HS>, launch.smem, "small attention backward");
     small_attention_backward_kernel<HS><<<launch.blocks, launch.threads, launch.smem, stream>>>(
         dq, dk, dv, dout, q, k, v, key_mask, nseq, S, NH, 1.0f / std::sqrt((float)HS));
     cudaCheckLaunch();
@@ -1101,11 +1211,6 @@ __host__ __device__ constexpr int imin(int a, int b) { return a < b ? a : b; }
 // ================================================================================================================
 // Primitives: inline PTX.
 
-// Shared-memory address (as ldmatrix and cp.async take it) of a generic pointer into shared memory.
-__device__ __forceinline__ uint32_t smem_address(const void* p) {
-    return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
 // The block's dynamic shared memory (128-byte aligned).
 __device__ __forceinline__ unsigned char* dynamic_smem() {
     extern __shared__ __align__(128) unsigned char flash_smem[];
@@ -1130,26 +1235,6 @@ __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t address) 
 __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t address) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(address));
-}
-
-// Asynchronous global -> shared copies: 16 bytes (.cg: bypasses L1) or 4 bytes (.ca); only src_bytes (0 or the full
-// size) are read, the rest of the destination is zero-filled. src must be a valid, aligned address even when
-// src_bytes is 0 (callers pass the matrix's first row then).
-__device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, int src_bytes) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes));
-}
-__device__ __forceinline__ void cp_async_4(uint32_t dst, const void* src, int src_bytes) {
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes));
-}
-// Closes the group of this thread's copies issued since the last commit (an empty group is fine).
-__device__ __forceinline__ void cp_async_commit() {
-    asm volatile("cp.async.commit_group;\n" ::);
-}
-// Waits until at most kPending of this thread's committed groups are still in flight. Other threads' copies become
-// visible only after a __syncthreads that follows their own wait.
-template <int kPending>
-__device__ __forceinline__ void cp_async_wait() {
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
 }
 
 // 2^x (ex2.approx.ftz: about 2 ulp; 2^-inf = +0).
@@ -1580,8 +1665,7 @@ __device__ __forceinline__ void delta_thread(float* delta, const bf16* dout, con
             for (int half = 0; half < 2; half++)   // element 2w + half: the low half first
                 sum += bf16_bits_to_float(aw[w] >> (16 * half)) * bf16_bits_to_float(bw[w] >> (16 * half));
     }
-#pragma unroll
-    for (int offset = 1; offset < kLanes; offset *= 2) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
+    sum = group_sum<kLanes>(sum);
     if (row < rows && part == 0) {
         const int h = row % NH, i = (row / NH) % S;
         const size_t seq = row / ((size_t)NH * S);
@@ -1931,23 +2015,6 @@ inline void check_flash_args(const char* who, int nseq, int n_q, int NH, int HS,
     for (const void* p : tensors)
         if (reinterpret_cast<uintptr_t>(p) % 16 != 0)
             throw std::runtime_error(std::string(who) + ": tensors must be 16-byte aligned");
-}
-
-// Raises a kernel's dynamic shared-memory limit to bytes (needed above 48 KB), after checking the device has them,
-// and asks for the largest shared-memory carveout, so that the blocks per SM the kernel was built for fit.
-template <typename Kernel>
-inline void allow_dynamic_smem(Kernel* kernel, size_t bytes, const char* who) {
-    static const int device_limit = [] {
-        int device = 0, limit = 0;
-        cudaCheck(cudaGetDevice(&device));
-        cudaCheck(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-        return limit;
-    }();
-    if (bytes > (size_t)device_limit)
-        throw std::runtime_error(std::string(who) + ": needs " + std::to_string(bytes) + " bytes of shared memory per block, the device has " +
-                                 std::to_string(device_limit));
-    cudaCheck(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes));
-    cudaCheck(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, (int)cudaSharedmemCarveoutMaxShared));
 }
 
 namespace flash {
@@ -3456,9 +3523,7 @@ rope_append_attend_kernel(floatX* out, floatX* k_cache, floatX* v_cache, const f
         float score = 0.0f;
 #pragma unroll
         for (int e = 0; e < kPack; e++) score += q_part[s][e] * to_f32(key.x[e]);
-#pragma unroll
-        for (int offset = 1; offset < kLanesPerRow; offset *= 2) score += __shfl_xor_sync(0xffffffff, score, offset);
-        return score;
+        return group_sum<kLanesPerRow>(score);
     };
     float m[kNew], l[kNew], o[kNew][kPack];
 #pragma unroll
