@@ -2379,32 +2379,80 @@ __global__ void sum_kernel(float* out, const float* in, size_t n) {
 
 // ----------------------------------------------------------------------------------------------------------------
 // AdamW (SPEC 3.3) with global-norm clipping. Gradient norm: per-block partial sums of squares over a fixed grid,
-// then sum_kernel: deterministic.
+// then sum_kernel: deterministic. Both kernels move whole 16-byte packs (each is a pass over every parameter's
+// state, memory-bound: the norm reads 2 bytes a parameter in BF16, AdamW reads 14 and writes 14).
 constexpr int kNormBlocks = 1024;
+// Whole packs in grid-stride order; the n % kPack values past the last pack go to the first threads of block 0.
 __global__ void squared_norm_partials_kernel(float* partials, const floatX* grads, size_t n) {
     __shared__ float shared[32];
     float sum = 0.0f;
-    GRID_STRIDE_LOOP(i, n) {
-        float g = to_f32(grads[i]);
+    const size_t packs = n / kPack;
+    GRID_STRIDE_LOOP(i, packs) {
+        float g[kPack];
+        load_pack(g, grads + i * kPack);
+#pragma unroll
+        for (int e = 0; e < kPack; e++) sum += g[e] * g[e];
+    }
+    if (blockIdx.x == 0 && threadIdx.x < n % kPack) {
+        const float g = to_f32(grads[packs * kPack + threadIdx.x]);
         sum += g * g;
     }
     sum = block_sum(sum, shared);
     if (threadIdx.x == 0) partials[blockIdx.x] = sum;
 }
 
-// g = grad * grad_scale; m, v moments; master -= lr (m̂ / (√v̂ + eps) + wd master); params = floatX(master).
-__global__ void adamw_kernel(floatX* params, float* master, float* m, float* v, const floatX* grads, size_t n, float lr,
-                             float grad_scale, float bias1, float bias2, float weight_decay) {
-    GRID_STRIDE_LOOP(i, n) {
-        float g = to_f32(grads[i]) * grad_scale;
-        float mi = kAdamBeta1 * m[i] + (1.0f - kAdamBeta1) * g;
-        float vi = kAdamBeta2 * v[i] + (1.0f - kAdamBeta2) * g * g;
-        m[i] = mi;
-        v[i] = vi;
-        float p = master[i];
-        p -= lr * ((mi / bias1) / (sqrtf(vi / bias2) + kAdamEps) + weight_decay * p);
-        master[i] = p;
-        params[i] = to_floatX(p);
+// Every trainable tensor in one launch: one block per AdamChunk, a run of at most kAdamChunk values of one tensor
+// (adamw_chunks lists them once per model). Chunks start 16-byte aligned (tensors start kTensorAlignment-aligned);
+// only a tensor's last chunk may end in a part pack, done value by value.
+constexpr int kAdamThreads = 256, kAdamChunk = kAdamThreads * kPack * 4;
+struct AdamChunk {
+    size_t offset;
+    unsigned count;
+    unsigned decay;   // 1: weight decay applies (SPEC 3.3: matrices, not biases or LayerNorm)
+};
+inline std::vector<AdamChunk> adamw_chunks(const TensorTable& table) {
+    std::vector<AdamChunk> chunks;
+    for (const ParamTensor& t : table.tensors) {
+        if (!t.trainable) continue;
+        for (size_t start = 0; start < t.numel; start += kAdamChunk)
+            chunks.push_back({t.offset + start, (unsigned)std::min<size_t>(kAdamChunk, t.numel - start), t.decay ? 1u : 0u});
+    }
+    return chunks;
+}
+
+// g = grad * grad_scale; m, v moments; p -= lr (m̂ / (√v̂ + eps) + wd p), p the fp32 master value.
+__device__ inline void adamw_value(float g, float& m, float& v, float& p, float lr, float bias1, float bias2, float weight_decay) {
+    m = kAdamBeta1 * m + (1.0f - kAdamBeta1) * g;
+    v = kAdamBeta2 * v + (1.0f - kAdamBeta2) * g * g;
+    p -= lr * ((m / bias1) / (sqrtf(v / bias2) + kAdamEps) + weight_decay * p);
+}
+
+// master, m, v updated; params = floatX(master).
+__global__ void __launch_bounds__(kAdamThreads)
+adamw_kernel(floatX* params, float* master, float* m, float* v, const floatX* grads, const AdamChunk* chunks, float lr,
+             float grad_scale, float bias1, float bias2, float weight_decay) {
+    const AdamChunk chunk = chunks[blockIdx.x];
+    const float decay = chunk.decay ? weight_decay : 0.0f;
+    for (unsigned i = threadIdx.x * kPack; i < chunk.count; i += kAdamThreads * kPack) {
+        const size_t o = chunk.offset + i;
+        if (i + kPack <= chunk.count) {
+            float g[kPack], mo[kPack], vo[kPack], p[kPack];
+            load_pack(g, grads + o);
+            load_floats(mo, m + o);
+            load_floats(vo, v + o);
+            load_floats(p, master + o);
+#pragma unroll
+            for (int e = 0; e < kPack; e++) adamw_value(g[e] * grad_scale, mo[e], vo[e], p[e], lr, bias1, bias2, decay);
+            store_floats(m + o, mo);
+            store_floats(v + o, vo);
+            store_floats(master + o, p);
+            store_pack(params + o, p);
+        } else {
+            for (size_t j = o; j < chunk.offset + chunk.count; j++) {
+                adamw_value(to_f32(grads[j]) * grad_scale, m[j], v[j], master[j], lr, bias1, bias2, decay);
+                params[j] = to_floatX(master[j]);
+            }
+        }
     }
 }
 
@@ -2704,6 +2752,9 @@ public:
             grads = DeviceBuffer<floatX>(table.num_trainable);
             adam_m = DeviceBuffer<float>(table.num_trainable);
             adam_v = DeviceBuffer<float>(table.num_trainable);
+            const std::vector<AdamChunk> chunks = adamw_chunks(table);
+            adam_chunks_ = DeviceBuffer<AdamChunk>(chunks.size());
+            adam_chunks_.upload(chunks.data(), chunks.size());
         }
         if (cfg.is_block) {
             if (T % cfg.LB != 0 || T / cfg.LB < 2) throw std::runtime_error("GpuModel: T must be a multiple of the block length, >= 2 blocks");
@@ -2813,14 +2864,10 @@ public:
         const float grad_scale = std::min(1.0f, settings.clip / (norm + kClipEps));
         adam_steps++;
         const float bias1 = 1.0f - std::pow(kAdamBeta1, (float)adam_steps), bias2 = 1.0f - std::pow(kAdamBeta2, (float)adam_steps);
-        for (const ParamTensor& t : table.tensors) {
-            if (!t.trainable) continue;
-            const size_t o = t.offset;
-            adamw_kernel<<<grid_for(t.numel, 256), 256, 0, gpu.stream>>>(params.data() + o, master.data() + o, adam_m.data() + o,
-                adam_v.data() + o, grads.data() + o, t.numel, settings.lr, grad_scale, bias1, bias2,
-                t.decay ? settings.weight_decay : 0.0f);
-            cudaCheckLaunch();
-        }
+        if (adam_chunks_.size() == 0) return;   // nothing trainable
+        adamw_kernel<<<(unsigned)adam_chunks_.size(), kAdamThreads, 0, gpu.stream>>>(params.data(), master.data(), adam_m.data(),
+            adam_v.data(), grads.data(), adam_chunks_.data(), settings.lr, grad_scale, bias1, bias2, settings.weight_decay);
+        cudaCheckLaunch();
     }
 
     // grad_norm + adamw_step with the original settings; returns the norm before clipping.
@@ -2858,6 +2905,7 @@ private:
     DeviceBuffer<float> losses_, logits_;               // (scored), (chunk, V)
     DeviceBuffer<floatX> dlogits_;                      // (chunk, V)
     DeviceBuffer<float> scalars_;                       // [0]: a sum; [1..]: partial sums
+    DeviceBuffer<AdamChunk> adam_chunks_;               // training: adamw_chunks(table)
     DeviceInt input_ids_, input_mask_, token_ids_, token_mask_, head_rows_, head_targets_;
     DeviceBuckets input_buckets_, token_buckets_;
     size_t scored_ = 0;
