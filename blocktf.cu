@@ -495,23 +495,26 @@ public:
                                    workspace_.data(), kWorkspaceBytes, stream));
     }
 
-    // A column of ones (floatX) of at least n entries, for column sums as matrix-vector products.
-    const floatX* ones(size_t n) {
-        if (ones_.size() < n) {
-            ones_ = DeviceBuffer<floatX>(std::max<size_t>(n, 2 * ones_.size()));
-            std::vector<float> host(ones_.size(), 1.0f);
-            DeviceBuffer<float> staging(host.size());
-            staging.upload(host.data(), host.size());
-            convert_to_floatX(ones_.data(), staging.data(), host.size(), stream);
-            cudaCheck(cudaStreamSynchronize(stream));
+    // Scratch of column_sum_accumulate: at least `floats` partial sums and `counters` arrival counters, zero between
+    // calls. Grown when a call needs more (cudaFree waits until the device is done with the old buffers).
+    struct ColumnScratch {
+        float* partials;
+        unsigned* arrivals;
+    };
+    ColumnScratch column_scratch(size_t floats, size_t counters) {
+        if (column_partials_.size() < floats) column_partials_ = DeviceBuffer<float>(std::max<size_t>(floats, 2 * column_partials_.size()));
+        if (column_arrivals_.size() < counters) {
+            column_arrivals_ = DeviceBuffer<unsigned>(std::max<size_t>(counters, 2 * column_arrivals_.size()));
+            cudaCheck(cudaMemsetAsync(column_arrivals_.data(), 0, column_arrivals_.size() * sizeof(unsigned), stream));
         }
-        return ones_.data();
+        return {column_partials_.data(), column_arrivals_.data()};
     }
 
 private:
     static constexpr size_t kWorkspaceBytes = 32ull << 20;
     DeviceBuffer<uint8_t> workspace_;
-    DeviceBuffer<floatX> ones_;
+    DeviceBuffer<float> column_partials_;
+    DeviceBuffer<unsigned> column_arrivals_;
     std::map<MatmulKey, MatmulPlan> plans_;
 
     MatmulPlan make_plan(const MatmulKey& key) {
@@ -564,9 +567,96 @@ inline void linear_forward(Gpu& gpu, floatX* out, const floatX* inp, const float
     linear_forward(gpu, out, kCudaFloatX, inp, weight, bias, N, IC, OC);
 }
 
-// dst (C) += column sums of src (N, C), as a matrix-vector product with a ones vector: deterministic, unlike atomics.
+// dst (C) += column sums of src (N, C): the bias and LayerNorm gradients. Deterministic (unlike atomics) in one
+// kernel: a block of kColumnPackLanes column packs x kColumnRowLanes row lanes sums one chunk of rows of its packs
+// and writes the chunk's sums to partials (chunks, C) fp32; the last block of a column range to arrive (a counter
+// per range, which that block resets for the next call) adds the chunks' sums to dst in a fixed order, rounding
+// once. Narrow blocks (8 packs) and about kColumnBlocksWanted blocks keep enough loads in flight at every width.
+// A matrix-vector product with a ones vector, as before, ran cuBLAS's split-K kernels plus a reduction kernel
+// (dev/NOTES.md).
+constexpr int kColumnPackLanes = 8, kColumnRowLanes = 32, kColumnThreads = kColumnPackLanes * kColumnRowLanes;
+constexpr int kColumnBlocksWanted = 528, kColumnMinRows = 64;   // 4 blocks per SM of an H200; rows per chunk at least
+
+// Each thread holds kPack sums of its column pack (pack lane) over its row lane's rows. Returns their sum over the
+// row lanes, in a fixed order (shuffles inside each warp, then warp by warp), in threads t < kColumnPackLanes * kPack:
+// thread t gets element t % kPack of pack lane t / kPack. warp_sums: the block's scratch.
+__device__ inline float sum_over_row_lanes(float (&sum)[kPack], float (*warp_sums)[kColumnPackLanes][kPack]) {
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+#pragma unroll
+    for (int e = 0; e < kPack; e++)
+        for (int offset = kColumnPackLanes; offset < 32; offset *= 2) sum[e] += __shfl_xor_sync(0xffffffff, sum[e], offset);
+    __syncthreads();   // warp_sums may still be read from a previous call
+    if (lane < kColumnPackLanes)
+#pragma unroll
+        for (int e = 0; e < kPack; e++) warp_sums[warp][lane][e] = sum[e];
+    __syncthreads();
+    float total = 0.0f;
+    if (threadIdx.x < kColumnPackLanes * kPack)
+        for (int w = 0; w < kColumnThreads / 32; w++) total += warp_sums[w][threadIdx.x / kPack][threadIdx.x % kPack];
+    return total;
+}
+
+__global__ void __launch_bounds__(kColumnThreads)
+column_sums_kernel(floatX* dst, float* partials, unsigned* arrivals, const floatX* src, int N, int C, int rows_per_chunk) {
+    __shared__ float warp_sums[kColumnThreads / 32][kColumnPackLanes][kPack];
+    __shared__ bool last;
+    const int pack_lane = threadIdx.x % kColumnPackLanes, row_lane = threadIdx.x / kColumnPackLanes;
+    const size_t column = ((size_t)blockIdx.x * kColumnPackLanes + pack_lane) * kPack;   // this thread's pack
+    const bool owns_pack = column < (size_t)C;
+    const int out_column = blockIdx.x * kColumnPackLanes * kPack + threadIdx.x;          // sum_over_row_lanes' result
+    const bool has_result = threadIdx.x < kColumnPackLanes * kPack && out_column < C;
+    const int first = blockIdx.y * rows_per_chunk, last_row = min(N, first + rows_per_chunk);
+    float sum[kPack] = {};
+    if (owns_pack) {
+#pragma unroll 8
+        for (int r = first + row_lane; r < last_row; r += kColumnRowLanes) {   // 8 loads in flight
+            float x[kPack];
+            load_pack(x, src + (size_t)r * C + column);
+#pragma unroll
+            for (int e = 0; e < kPack; e++) sum[e] += x[e];
+        }
+    }
+    const float chunk_total = sum_over_row_lanes(sum, warp_sums);
+    if (has_result) partials[(size_t)blockIdx.y * C + out_column] = chunk_total;
+
+    __threadfence();   // this chunk's sums are visible device-wide before the block is counted
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        last = atomicAdd(&arrivals[blockIdx.x], 1u) == gridDim.y - 1;
+        if (last) arrivals[blockIdx.x] = 0;   // every chunk has arrived: ready for the next call
+    }
+    __syncthreads();
+    if (!last) return;
+    // The last chunk of this column range to arrive: row lane l adds chunks l, l + kColumnRowLanes, ... (read from
+    // L2, where the other blocks wrote them), then the row lanes are summed in order as above.
+#pragma unroll
+    for (int e = 0; e < kPack; e++) sum[e] = 0.0f;
+    if (owns_pack)
+        for (int k = row_lane; k < (int)gridDim.y; k += kColumnRowLanes) {
+            const float4* chunk = reinterpret_cast<const float4*>(partials + (size_t)k * C + column);
+#pragma unroll
+            for (int f = 0; f < kPack / 4; f++) {
+                const float4 v = __ldcg(chunk + f);
+                sum[4 * f] += v.x, sum[4 * f + 1] += v.y, sum[4 * f + 2] += v.z, sum[4 * f + 3] += v.w;
+            }
+        }
+    const float total = sum_over_row_lanes(sum, warp_sums);
+    if (has_result) dst[out_column] = to_floatX(to_f32(dst[out_column]) + total);
+}
+
+// C: a multiple of kPack (validate_config); src 16-byte aligned.
 inline void column_sum_accumulate(Gpu& gpu, floatX* dst, const floatX* src, int N, int C) {
-    gpu.matmul(dst, kCudaFloatX, src, gpu.ones(N), C, 1, N, false, false, nullptr, 1.0f);
+    if (N <= 0 || C <= 0) return;
+    if (C % kPack != 0 || reinterpret_cast<uintptr_t>(src) % 16 != 0)
+        throw std::runtime_error("column_sum_accumulate: width " + std::to_string(C) + " must be a multiple of " +
+                                 std::to_string(kPack) + " and the rows 16-byte aligned");
+    const int column_blocks = (C / kPack + kColumnPackLanes - 1) / kColumnPackLanes;
+    const int wanted_chunks = std::max(1, std::min((N + kColumnMinRows - 1) / kColumnMinRows, kColumnBlocksWanted / column_blocks));
+    const int rows_per_chunk = (N + wanted_chunks - 1) / wanted_chunks, chunks = (N + rows_per_chunk - 1) / rows_per_chunk;
+    const Gpu::ColumnScratch scratch = gpu.column_scratch((size_t)chunks * C, column_blocks);
+    column_sums_kernel<<<dim3(column_blocks, chunks), kColumnThreads, 0, gpu.stream>>>(dst, scratch.partials, scratch.arrivals,
+                                                                                       src, N, C, rows_per_chunk);
+    cudaCheckLaunch();
 }
 
 // dinp (N, IC) = dout (N, OC) · weight (written);  dweight (OC, IC) += dout^T · inp;  dbias (OC) += column sums of dout.

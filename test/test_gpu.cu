@@ -157,6 +157,37 @@ GPU_TEST_CASE("gpu: layernorm forward and backward") {
     CHECK_CLOSE(download(db.device.data(), C), db_ref, C, kernel_gradient_tolerance(kBf16TolVector));
 }
 
+// Column sums (bias and LayerNorm gradients) accumulated into a non-zero dst, against sums in double: one chunk of
+// few rows, column packs that leave a block part-full, many chunks at the token decoder's size; run twice, the
+// results must be bit-identical (the order is fixed).
+static void check_column_sums(int N, int C, uint32_t seed) {
+    CAPTURE(N); CAPTURE(C);
+    Gpu gpu;
+    std::mt19937 rng(seed);
+    TestTensor src = random_tensor((size_t)N * C, rng), dst = random_tensor(C, rng, 0.0f, 10.0f);
+    std::vector<float> ref = dst.host;
+    for (int c = 0; c < C; c++) {
+        double sum = dst.host[c];
+        for (int r = 0; r < N; r++) sum += src.host[(size_t)r * C + c];
+        ref[c] = (float)sum;
+    }
+    DeviceBuffer<floatX> first(C), second(C);
+    for (DeviceBuffer<floatX>* out : {&first, &second}) {
+        cudaCheck(cudaMemcpy(out->data(), dst.device.data(), C * sizeof(floatX), cudaMemcpyDeviceToDevice));
+        column_sum_accumulate(gpu, out->data(), src.device.data(), N, C);
+    }
+    const std::vector<float> once = download(first.data(), C), again = download(second.data(), C);
+    CHECK_CLOSE(once, ref, C, kernel_gradient_tolerance(kBf16TolVector));
+    CHECK(once == again);
+}
+
+GPU_TEST_CASE("gpu: column sums (bias and LayerNorm gradients), several shapes, deterministic") {
+    check_column_sums(7, 40, 31);
+    check_column_sums(130, 264, 32);
+    check_column_sums(1000, 3072, 33);
+    check_column_sums(20440, 768, 34);
+}
+
 GPU_TEST_CASE("gpu: linear forward (bias epilogue, fp32 output) and backward") {
     Gpu gpu;
     std::mt19937 rng(2);
