@@ -200,6 +200,57 @@ inline unsigned warp_rows_grid(size_t rows) { return (unsigned)((rows + 7) / 8);
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < (n); i += (size_t)gridDim.x * blockDim.x)
 
 // ----------------------------------------------------------------------------------------------------------------
+// Shared memory: asynchronous copies from device memory (inline PTX), and the opt-in to more than 48 KB a block.
+
+// The most shared memory one block may have on this device (with the opt-in), in bytes.
+inline size_t max_block_smem() {
+    static const int limit = [] {
+        int device = 0, bytes = 0;
+        cudaCheck(cudaGetDevice(&device));
+        cudaCheck(cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+        return bytes;
+    }();
+    return (size_t)limit;
+}
+
+// Raises a kernel's dynamic shared-memory limit to bytes (needed above 48 KB), after checking the device has them,
+// and asks for the largest shared-memory carveout, so that the blocks per SM the kernel was built for fit.
+template <typename Kernel>
+inline void allow_dynamic_smem(Kernel* kernel, size_t bytes, const char* who) {
+    const size_t device_limit = max_block_smem();
+    if (bytes > device_limit)
+        throw std::runtime_error(std::string(who) + ": needs " + std::to_string(bytes) + " bytes of shared memory per block, the device has " +
+                                 std::to_string(device_limit));
+    cudaCheck(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes));
+    cudaCheck(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, (int)cudaSharedmemCarveoutMaxShared));
+}
+
+// Shared-memory address (as ldmatrix and cp.async take it) of a generic pointer into shared memory.
+__device__ __forceinline__ uint32_t smem_address(const void* p) {
+    return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// Asynchronous global -> shared copies: 16 bytes (.cg: bypasses L1) or 4 bytes (.ca); only src_bytes (0 or the full
+// size) are read, the rest of the destination is zero-filled. src must be a valid, aligned address even when
+// src_bytes is 0 (callers pass the matrix's first row then).
+__device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, int src_bytes) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes));
+}
+__device__ __forceinline__ void cp_async_4(uint32_t dst, const void* src, int src_bytes) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes));
+}
+// Closes the group of this thread's copies issued since the last commit (an empty group is fine).
+__device__ __forceinline__ void cp_async_commit() {
+    asm volatile("cp.async.commit_group;\n" ::);
+}
+// Waits until at most kPending of this thread's committed groups are still in flight. Other threads' copies become
+// visible only after a __syncthreads that follows their own wait.
+template <int kPending>
+__device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
+}
+
+// ----------------------------------------------------------------------------------------------------------------
 // Elementwise kernels. Shapes are flat (n) unless stated.
 
 // fp32 -> floatX, round to nearest even (the rounding of __float2bfloat16_rn).
@@ -393,26 +444,75 @@ __global__ void layernorm_forward_kernel(LayerNormOutput first, LayerNormOutput 
     }
 }
 
-// With xhat = (x - mean) rstd and g = dout * weight: dinp = rstd (g - mean(g) - xhat mean(g xhat)).
-// Also writes dout * xhat to dweight_rows (N, C); the caller sums its columns into dweight (deterministically).
-__global__ void layernorm_backward_kernel(floatX* dinp, floatX* dweight_rows, const floatX* dout, const floatX* inp,
-                                          const floatX* weight, const float* mean, const float* rstd, int N, int C) {
-    const int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
-    if (row >= N) return;
-    const floatX* x = inp + (size_t)row * C;
-    const floatX* dy = dout + (size_t)row * C;
-    const float m = mean[row], r = rstd[row];
-    float g_sum = 0.0f, gx_sum = 0.0f;
-    for (int c = lane; c < C; c += 32) {
-        float xhat = (to_f32(x[c]) - m) * r, g = to_f32(dy[c]) * to_f32(weight[c]);
-        g_sum += g;
-        gx_sum += g * xhat;
-        dweight_rows[(size_t)row * C + c] = to_floatX(to_f32(dy[c]) * xhat);
+// With xhat = (x - mean) rstd and g = dout * weight: dinp = rstd (g - mean(g) - xhat mean(g xhat)); and the
+// parameter gradients dweight = Σ_rows dout xhat, dbias = Σ_rows dout. One warp per row as in the forward (lane l:
+// packs l, l + 32, ...); a block takes one chunk of rows and keeps its lanes' sums of dout xhat and dout in
+// registers (mean and rstd are known, so they accumulate in the pass that forms mean(g) and mean(g xhat); the second
+// pass rereads the row from cache). The block's warps add their sums into shared memory one warp after the other,
+// and the block writes them to partials: (chunks, C) for dweight, then (chunks, C) for dbias. layernorm_backward
+// adds the chunks to dweight and dbias (column_sum_accumulate, fixed order): deterministic.
+constexpr int kLayerNormBackwardWarps = 8, kLayerNormBackwardBlocks = 264;   // 2 blocks per SM of an H200
+template <int kPacks>
+__global__ void __launch_bounds__(kLayerNormBackwardWarps * 32)
+layernorm_backward_kernel(floatX* dinp, float* partials, const floatX* dout, const floatX* inp, const floatX* weight,
+                          const float* mean, const float* rstd, int N, int C, int rows_per_chunk) {
+    extern __shared__ float block_sums[];   // (2C): Σ dout xhat, then Σ dout, over the block's rows
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int first = blockIdx.x * rows_per_chunk, last = min(N, first + rows_per_chunk);
+    float dweight[kPacks][kPack] = {}, dbias[kPacks][kPack] = {};
+    for (int row = first + warp; row < last; row += kLayerNormBackwardWarps) {
+        const size_t start = (size_t)row * C;
+        const float m = mean[row], r = rstd[row];
+        float g_sum = 0.0f, gx_sum = 0.0f;
+#pragma unroll
+        for (int u = 0; u < kPacks; u++) {
+            const int c0 = (lane + 32 * u) * kPack;
+            if (c0 >= C) continue;
+            float x[kPack], dy[kPack], w[kPack];
+            load_pack(x, inp + start + c0);
+            load_pack(dy, dout + start + c0);
+            load_pack(w, weight + c0);
+#pragma unroll
+            for (int e = 0; e < kPack; e++) {
+                const float xhat = (x[e] - m) * r, g = dy[e] * w[e];
+                g_sum += g;
+                gx_sum += g * xhat;
+                dweight[u][e] += dy[e] * xhat;
+                dbias[u][e] += dy[e];
+            }
+        }
+        const float g_mean = warp_sum(g_sum) / C, gx_mean = warp_sum(gx_sum) / C;
+#pragma unroll
+        for (int u = 0; u < kPacks; u++) {
+            const int c0 = (lane + 32 * u) * kPack;
+            if (c0 >= C) continue;
+            float x[kPack], dy[kPack], w[kPack], dx[kPack];
+            load_pack(x, inp + start + c0);
+            load_pack(dy, dout + start + c0);
+            load_pack(w, weight + c0);
+#pragma unroll
+            for (int e = 0; e < kPack; e++) dx[e] = r * (dy[e] * w[e] - g_mean - (x[e] - m) * r * gx_mean);
+            store_pack(dinp + start + c0, dx);
+        }
     }
-    const float g_mean = warp_sum(g_sum) / C, gx_mean = warp_sum(gx_sum) / C;
-    for (int c = lane; c < C; c += 32) {
-        float xhat = (to_f32(x[c]) - m) * r, g = to_f32(dy[c]) * to_f32(weight[c]);
-        dinp[(size_t)row * C + c] = to_floatX(r * (g - g_mean - xhat * gx_mean));
+    for (int w = 0; w < kLayerNormBackwardWarps; w++) {
+        if (warp == w)
+#pragma unroll
+            for (int u = 0; u < kPacks; u++) {
+                const int c0 = (lane + 32 * u) * kPack;
+                if (c0 >= C) continue;
+#pragma unroll
+                for (int e = 0; e < kPack; e++) {
+                    block_sums[c0 + e] = (w == 0 ? 0.0f : block_sums[c0 + e]) + dweight[u][e];
+                    block_sums[C + c0 + e] = (w == 0 ? 0.0f : block_sums[C + c0 + e]) + dbias[u][e];
+                }
+            }
+        __syncthreads();
+    }
+    const size_t chunks = gridDim.x;
+    for (int c = threadIdx.x; c < C; c += blockDim.x) {
+        partials[blockIdx.x * (size_t)C + c] = block_sums[c];
+        partials[(chunks + blockIdx.x) * C + c] = block_sums[C + c];
     }
 }
 
@@ -496,25 +596,33 @@ public:
     }
 
     // Scratch of column_sum_accumulate: at least `floats` partial sums and `counters` arrival counters, zero between
-    // calls. Grown when a call needs more (cudaFree waits until the device is done with the old buffers).
+    // calls. Scratch buffers grow when a call needs more.
     struct ColumnScratch {
         float* partials;
         unsigned* arrivals;
     };
     ColumnScratch column_scratch(size_t floats, size_t counters) {
-        if (column_partials_.size() < floats) column_partials_ = DeviceBuffer<float>(std::max<size_t>(floats, 2 * column_partials_.size()));
         if (column_arrivals_.size() < counters) {
-            column_arrivals_ = DeviceBuffer<unsigned>(std::max<size_t>(counters, 2 * column_arrivals_.size()));
+            grow(column_arrivals_, counters);
             cudaCheck(cudaMemsetAsync(column_arrivals_.data(), 0, column_arrivals_.size() * sizeof(unsigned), stream));
         }
-        return {column_partials_.data(), column_arrivals_.data()};
+        return {grow(column_partials_, floats), column_arrivals_.data()};
     }
+    // Scratch of layernorm_backward: at least `floats` partial sums (its own: it hands them to column_sum_accumulate).
+    float* layernorm_partials(size_t floats) { return grow(layernorm_partials_, floats); }
 
 private:
     static constexpr size_t kWorkspaceBytes = 32ull << 20;
     DeviceBuffer<uint8_t> workspace_;
-    DeviceBuffer<float> column_partials_;
+    DeviceBuffer<float> column_partials_, layernorm_partials_;
     DeviceBuffer<unsigned> column_arrivals_;
+
+    // buffer, reallocated (twice as large) when it has fewer than n elements; cudaFree waits for the device.
+    template <typename T>
+    static T* grow(DeviceBuffer<T>& buffer, size_t n) {
+        if (buffer.size() < n) buffer = DeviceBuffer<T>(std::max(n, 2 * buffer.size()));
+        return buffer.data();
+    }
     std::map<MatmulKey, MatmulPlan> plans_;
 
     MatmulPlan make_plan(const MatmulKey& key) {
@@ -572,6 +680,7 @@ inline void linear_forward(Gpu& gpu, floatX* out, const floatX* inp, const float
 // and writes the chunk's sums to partials (chunks, C) fp32; the last block of a column range to arrive (a counter
 // per range, which that block resets for the next call) adds the chunks' sums to dst in a fixed order, rounding
 // once. Narrow blocks (8 packs) and about kColumnBlocksWanted blocks keep enough loads in flight at every width.
+// (The same kernel adds up fp32 partial sums: layernorm_backward's.)
 // A matrix-vector product with a ones vector, as before, ran cuBLAS's split-K kernels plus a reduction kernel
 // (dev/NOTES.md).
 constexpr int kColumnPackLanes = 8, kColumnRowLanes = 32, kColumnThreads = kColumnPackLanes * kColumnRowLanes;
@@ -596,8 +705,9 @@ __device__ inline float sum_over_row_lanes(float (&sum)[kPack], float (*warp_sum
     return total;
 }
 
+template <typename Value>   // floatX or fp32
 __global__ void __launch_bounds__(kColumnThreads)
-column_sums_kernel(floatX* dst, float* partials, unsigned* arrivals, const floatX* src, int N, int C, int rows_per_chunk) {
+column_sums_kernel(floatX* dst, float* partials, unsigned* arrivals, const Value* src, int N, int C, int rows_per_chunk) {
     __shared__ float warp_sums[kColumnThreads / 32][kColumnPackLanes][kPack];
     __shared__ bool last;
     const int pack_lane = threadIdx.x % kColumnPackLanes, row_lane = threadIdx.x / kColumnPackLanes;
@@ -611,7 +721,8 @@ column_sums_kernel(floatX* dst, float* partials, unsigned* arrivals, const float
 #pragma unroll 8
         for (int r = first + row_lane; r < last_row; r += kColumnRowLanes) {   // 8 loads in flight
             float x[kPack];
-            load_pack(x, src + (size_t)r * C + column);
+            if constexpr (std::is_same<Value, float>::value) load_floats(x, src + (size_t)r * C + column);
+            else load_pack(x, src + (size_t)r * C + column);
 #pragma unroll
             for (int e = 0; e < kPack; e++) sum[e] += x[e];
         }
@@ -644,8 +755,9 @@ column_sums_kernel(floatX* dst, float* partials, unsigned* arrivals, const float
     if (has_result) dst[out_column] = to_floatX(to_f32(dst[out_column]) + total);
 }
 
-// C: a multiple of kPack (validate_config); src 16-byte aligned.
-inline void column_sum_accumulate(Gpu& gpu, floatX* dst, const floatX* src, int N, int C) {
+// src: floatX or fp32. C: a multiple of kPack (validate_config); src 16-byte aligned.
+template <typename Value>
+inline void column_sum_accumulate(Gpu& gpu, floatX* dst, const Value* src, int N, int C) {
     if (N <= 0 || C <= 0) return;
     if (C % kPack != 0 || reinterpret_cast<uintptr_t>(src) % 16 != 0)
         throw std::runtime_error("column_sum_accumulate: width " + std::to_string(C) + " must be a multiple of " +
@@ -679,7 +791,7 @@ inline void batched_matmul(Gpu& gpu, void* C, cudaDataType c_type, const floatX*
 }
 
 // ----------------------------------------------------------------------------------------------------------------
-// LayerNorm launchers. dinp is written; dweight, dbias accumulate. scratch: (N, C).
+// LayerNorm launchers. dinp is written; dweight, dbias accumulate.
 
 // second: LN2 of the same x (parallel residual), or {} for none. C: a multiple of 8 (validate_config), at most 512
 // packs (4096 in bf16, 2048 in fp32).
@@ -702,12 +814,30 @@ inline void layernorm_forward(floatX* out, float* mean, float* rstd, LayerNormIn
                               const floatX* bias, int N, int C, cudaStream_t stream) {
     layernorm_forward({out, weight, bias}, {}, mean, rstd, inp, N, C, stream);
 }
+// C: a multiple of kPack, at most 512 packs, as the forward.
 inline void layernorm_backward(Gpu& gpu, floatX* dinp, floatX* dweight, floatX* dbias, const floatX* dout, const floatX* inp,
-                               const floatX* weight, const float* mean, const float* rstd, floatX* scratch, int N, int C) {
-    layernorm_backward_kernel<<<warp_rows_grid(N), 256, 0, gpu.stream>>>(dinp, scratch, dout, inp, weight, mean, rstd, N, C);
-    cudaCheckLaunch();
-    column_sum_accumulate(gpu, dweight, scratch, N, C);
-    column_sum_accumulate(gpu, dbias, dout, N, C);
+                               const floatX* weight, const float* mean, const float* rstd, int N, int C) {
+    const int lanes_packs = (C / kPack + 31) / 32;
+    if (C % kPack != 0 || lanes_packs > 16)
+        throw std::runtime_error("layernorm_backward: width " + std::to_string(C) + " must be a multiple of " +
+                                 std::to_string(kPack) + " and at most " + std::to_string(16 * 32 * kPack));
+    if (N <= 0) return;
+    const int rows_per_chunk = (N + kLayerNormBackwardBlocks - 1) / kLayerNormBackwardBlocks;
+    const int chunks = (N + rows_per_chunk - 1) / rows_per_chunk;
+    float* partials = gpu.layernorm_partials(2 * (size_t)chunks * C);
+    const size_t smem = 2 * (size_t)C * sizeof(float);   // at most 32 KB: within the default limit
+    auto launch = [&](auto kernel) {
+        kernel<<<chunks, kLayerNormBackwardWarps * 32, smem, gpu.stream>>>(dinp, partials, dout, inp, weight, mean, rstd, N, C,
+                                                                          rows_per_chunk);
+        cudaCheckLaunch();
+    };
+    if (lanes_packs <= 1) launch(layernorm_backward_kernel<1>);
+    else if (lanes_packs <= 2) launch(layernorm_backward_kernel<2>);
+    else if (lanes_packs <= 4) launch(layernorm_backward_kernel<4>);
+    else if (lanes_packs <= 8) launch(layernorm_backward_kernel<8>);
+    else launch(layernorm_backward_kernel<16>);
+    column_sum_accumulate(gpu, dweight, partials, chunks, C);
+    column_sum_accumulate(gpu, dbias, partials + (size_t)chunks * C, chunks, C);
 }
 
 // ----------------------------------------------------------------------------------------------------------------
@@ -829,57 +959,6 @@ __global__ void permute_heads_kernel(floatX* out, const floatX* inp, int nseq, i
         if (to_heads) out[head_index] = inp[i];
         else out[i] = inp[head_index];
     }
-}
-
-// ----------------------------------------------------------------------------------------------------------------
-// Shared memory: asynchronous copies from device memory (inline PTX), and the opt-in to more than 48 KB a block.
-
-// The most shared memory one block may have on this device (with the opt-in), in bytes.
-inline size_t max_block_smem() {
-    static const int limit = [] {
-        int device = 0, bytes = 0;
-        cudaCheck(cudaGetDevice(&device));
-        cudaCheck(cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-        return bytes;
-    }();
-    return (size_t)limit;
-}
-
-// Raises a kernel's dynamic shared-memory limit to bytes (needed above 48 KB), after checking the device has them,
-// and asks for the largest shared-memory carveout, so that the blocks per SM the kernel was built for fit.
-template <typename Kernel>
-inline void allow_dynamic_smem(Kernel* kernel, size_t bytes, const char* who) {
-    const size_t device_limit = max_block_smem();
-    if (bytes > device_limit)
-        throw std::runtime_error(std::string(who) + ": needs " + std::to_string(bytes) + " bytes of shared memory per block, the device has " +
-                                 std::to_string(device_limit));
-    cudaCheck(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes));
-    cudaCheck(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, (int)cudaSharedmemCarveoutMaxShared));
-}
-
-// Shared-memory address (as ldmatrix and cp.async take it) of a generic pointer into shared memory.
-__device__ __forceinline__ uint32_t smem_address(const void* p) {
-    return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-// Asynchronous global -> shared copies: 16 bytes (.cg: bypasses L1) or 4 bytes (.ca); only src_bytes (0 or the full
-// size) are read, the rest of the destination is zero-filled. src must be a valid, aligned address even when
-// src_bytes is 0 (callers pass the matrix's first row then).
-__device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, int src_bytes) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes));
-}
-__device__ __forceinline__ void cp_async_4(uint32_t dst, const void* src, int src_bytes) {
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes));
-}
-// Closes the group of this thread's copies issued since the last commit (an empty group is fine).
-__device__ __forceinline__ void cp_async_commit() {
-    asm volatile("cp.async.commit_group;\n" ::);
-}
-// Waits until at most kPending of this thread's committed groups are still in flight. Other threads' copies become
-// visible only after a __syncthreads that follows their own wait.
-template <int kPending>
-__device__ __forceinline__ void cp_async_wait() {
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
 }
 
 // ----------------------------------------------------------------------------------------------------------------
@@ -2605,7 +2684,6 @@ public:
         branch_a_ = DeviceBuffer<floatX>(n * C);
         branch_b_ = DeviceBuffer<floatX>(n * C);
         dln_ = DeviceBuffer<floatX>(n * C);
-        ln_scratch_ = DeviceBuffer<floatX>(n * C);
         dfc_ = DeviceBuffer<floatX>(n * I);
         dgelu_ = DeviceBuffer<floatX>(n * I);
         attention_ = AttentionScratch(nseq, cfg_.NH, S, cfg_.HS());
@@ -2655,7 +2733,7 @@ public:
         floatX* dx_ln1 = branch_a_.data();
         floatX* dx_ln2 = branch_b_.data();
         layernorm_backward(gpu, dx, grads + final_w_, grads + final_b_, dout, x_final_.data(), params + final_w_,
-                           mean_.data(), rstd_.data(), ln_scratch_.data(), n, C);
+                           mean_.data(), rstd_.data(), n, C);
         for (int l = cfg_.L - 1; l >= 0; l--) {
             GpuLayerActivations& a = layers_[l];
             const LayerOffsets& o = offsets_[l];
@@ -2666,7 +2744,7 @@ public:
             gelu_backward(dfc_.data(), dgelu_.data(), a.fc.data(), n_ * I, gpu.stream);
             linear_backward(gpu, dln_.data(), g + o.fc_w, g + o.fc_b, dfc_.data(), a.ln2.data(), w + o.fc_w, n, C, I);
             layernorm_backward(gpu, dx_ln2, g + o.ln2_w, g + o.ln2_b, dln_.data(), a.x.data(), w + o.ln2_w,
-                               a.x_mean.data(), a.x_rstd.data(), ln_scratch_.data(), n, C);
+                               a.x_mean.data(), a.x_rstd.data(), n, C);
             // attention branch: dense -> attention -> RoPE + head split -> QKV -> LN1
             // (dln_ holds the attention output's gradient; dq, dk, dv live in the qkv scratch, free in the backward)
             linear_backward(gpu, dln_.data(), g + o.dense_w, g + o.dense_b, dx, a.att.data(), w + o.dense_w, n, C, C);
@@ -2681,7 +2759,7 @@ public:
             cudaCheckLaunch();
             linear_backward(gpu, dln_.data(), g + o.qkv_w, g + o.qkv_b, dqkv, a.ln1.data(), w + o.qkv_w, n, C, 3 * C);
             layernorm_backward(gpu, dx_ln1, g + o.ln1_w, g + o.ln1_b, dln_.data(), a.x.data(), w + o.ln1_w,
-                               a.x_mean.data(), a.x_rstd.data(), ln_scratch_.data(), n, C);
+                               a.x_mean.data(), a.x_rstd.data(), n, C);
             // the residual passes dx through; both branches add theirs
             add3(dx, dx, dx_ln1, dx_ln2, n_ * C, gpu.stream);
         }
@@ -2699,7 +2777,7 @@ private:
     DeviceBuffer<float> rope_cos_, rope_sin_;   // (S, rot/2)
     const int* key_mask_ = nullptr;
     // scratch
-    DeviceBuffer<floatX> qkv_, dqkv_, branch_a_, branch_b_, dln_, ln_scratch_, dfc_, dgelu_;
+    DeviceBuffer<floatX> qkv_, dqkv_, branch_a_, branch_b_, dln_, dfc_, dgelu_;
     AttentionScratch attention_;
 };
 
