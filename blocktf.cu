@@ -755,6 +755,15 @@ column_sums_kernel(floatX* dst, float* partials, unsigned* arrivals, const Value
     if (has_result) dst[out_column] = to_floatX(to_f32(dst[out_column]) + total);
 }
 
+// N rows cut into at most `wanted` (>= 1) chunks of equal size but the last: rows_per_chunk, and how many chunks.
+struct RowChunks {
+    int rows_per_chunk, chunks;
+};
+inline RowChunks row_chunks(int N, int wanted) {
+    const int rows_per_chunk = (N + wanted - 1) / wanted;
+    return {rows_per_chunk, (N + rows_per_chunk - 1) / rows_per_chunk};
+}
+
 // src: floatX or fp32. C: a multiple of kPack (validate_config); src 16-byte aligned.
 template <typename Value>
 inline void column_sum_accumulate(Gpu& gpu, floatX* dst, const Value* src, int N, int C) {
@@ -764,10 +773,10 @@ inline void column_sum_accumulate(Gpu& gpu, floatX* dst, const Value* src, int N
                                  std::to_string(kPack) + " and the rows 16-byte aligned");
     const int column_blocks = (C / kPack + kColumnPackLanes - 1) / kColumnPackLanes;
     const int wanted_chunks = std::max(1, std::min((N + kColumnMinRows - 1) / kColumnMinRows, kColumnBlocksWanted / column_blocks));
-    const int rows_per_chunk = (N + wanted_chunks - 1) / wanted_chunks, chunks = (N + rows_per_chunk - 1) / rows_per_chunk;
-    const Gpu::ColumnScratch scratch = gpu.column_scratch((size_t)chunks * C, column_blocks);
-    column_sums_kernel<<<dim3(column_blocks, chunks), kColumnThreads, 0, gpu.stream>>>(dst, scratch.partials, scratch.arrivals,
-                                                                                       src, N, C, rows_per_chunk);
+    const RowChunks split = row_chunks(N, wanted_chunks);
+    const Gpu::ColumnScratch scratch = gpu.column_scratch((size_t)split.chunks * C, column_blocks);
+    column_sums_kernel<<<dim3(column_blocks, split.chunks), kColumnThreads, 0, gpu.stream>>>(
+        dst, scratch.partials, scratch.arrivals, src, N, C, split.rows_per_chunk);
     cudaCheckLaunch();
 }
 
@@ -795,19 +804,32 @@ inline void batched_matmul(Gpu& gpu, void* C, cudaDataType c_type, const floatX*
 
 // second: LN2 of the same x (parallel residual), or {} for none. C: a multiple of 8 (validate_config), at most 512
 // packs (4096 in bf16, 2048 in fp32).
+// Both directions keep a row in registers, kPacks 16-byte packs per lane. layernorm_lane_packs: the packs per lane a
+// row of C values needs, after checking C (who: the caller, for the message); with_layernorm_packs calls
+// launch(std::integral_constant<int, kPacks>) with the fewest of 1, 2, 4, 8 and 16 that hold them.
+inline int layernorm_lane_packs(const char* who, int C) {
+    const int lanes_packs = (C / kPack + 31) / 32;
+    if (C % kPack != 0 || lanes_packs > 16)
+        throw std::runtime_error(std::string(who) + ": width " + std::to_string(C) + " must be a multiple of " +
+                                 std::to_string(kPack) + " and at most " + std::to_string(16 * 32 * kPack));
+    return lanes_packs;
+}
+template <typename Launch>
+inline void with_layernorm_packs(int lanes_packs, Launch launch) {
+    if (lanes_packs <= 1) launch(std::integral_constant<int, 1>{});
+    else if (lanes_packs <= 2) launch(std::integral_constant<int, 2>{});
+    else if (lanes_packs <= 4) launch(std::integral_constant<int, 4>{});
+    else if (lanes_packs <= 8) launch(std::integral_constant<int, 8>{});
+    else launch(std::integral_constant<int, 16>{});
+}
+
 inline void layernorm_forward(LayerNormOutput first, LayerNormOutput second, float* mean, float* rstd,
                               LayerNormInput inp, int N, int C, cudaStream_t stream) {
-    const int lanes_packs = (C / kPack + 31) / 32;   // packs per lane
-    if (C % kPack != 0 || lanes_packs > 16)
-        throw std::runtime_error("layernorm_forward: width " + std::to_string(C) + " must be a multiple of " +
-                                 std::to_string(kPack) + " and at most " + std::to_string(16 * 32 * kPack));
     constexpr int kRowsPerBlock = 4;   // 4 warps: more blocks than SMs already at the decode steps' 512 rows
     const unsigned grid = (unsigned)((N + kRowsPerBlock - 1) / kRowsPerBlock), threads = 32 * kRowsPerBlock;
-    if (lanes_packs <= 1) layernorm_forward_kernel<1><<<grid, threads, 0, stream>>>(first, second, mean, rstd, inp, N, C);
-    else if (lanes_packs <= 2) layernorm_forward_kernel<2><<<grid, threads, 0, stream>>>(first, second, mean, rstd, inp, N, C);
-    else if (lanes_packs <= 4) layernorm_forward_kernel<4><<<grid, threads, 0, stream>>>(first, second, mean, rstd, inp, N, C);
-    else if (lanes_packs <= 8) layernorm_forward_kernel<8><<<grid, threads, 0, stream>>>(first, second, mean, rstd, inp, N, C);
-    else layernorm_forward_kernel<16><<<grid, threads, 0, stream>>>(first, second, mean, rstd, inp, N, C);
+    with_layernorm_packs(layernorm_lane_packs("layernorm_forward", C), [&](auto packs) {
+        layernorm_forward_kernel<decltype(packs)::value><<<grid, threads, 0, stream>>>(first, second, mean, rstd, inp, N, C);
+    });
     cudaCheckLaunch();
 }
 inline void layernorm_forward(floatX* out, float* mean, float* rstd, LayerNormInput inp, const floatX* weight,
@@ -817,27 +839,18 @@ inline void layernorm_forward(floatX* out, float* mean, float* rstd, LayerNormIn
 // C: a multiple of kPack, at most 512 packs, as the forward.
 inline void layernorm_backward(Gpu& gpu, floatX* dinp, floatX* dweight, floatX* dbias, const floatX* dout, const floatX* inp,
                                const floatX* weight, const float* mean, const float* rstd, int N, int C) {
-    const int lanes_packs = (C / kPack + 31) / 32;
-    if (C % kPack != 0 || lanes_packs > 16)
-        throw std::runtime_error("layernorm_backward: width " + std::to_string(C) + " must be a multiple of " +
-                                 std::to_string(kPack) + " and at most " + std::to_string(16 * 32 * kPack));
+    const int lanes_packs = layernorm_lane_packs("layernorm_backward", C);
     if (N <= 0) return;
-    const int rows_per_chunk = (N + kLayerNormBackwardBlocks - 1) / kLayerNormBackwardBlocks;
-    const int chunks = (N + rows_per_chunk - 1) / rows_per_chunk;
-    float* partials = gpu.layernorm_partials(2 * (size_t)chunks * C);
+    const RowChunks split = row_chunks(N, kLayerNormBackwardBlocks);
+    float* partials = gpu.layernorm_partials(2 * (size_t)split.chunks * C);
     const size_t smem = 2 * (size_t)C * sizeof(float);   // at most 32 KB: within the default limit
-    auto launch = [&](auto kernel) {
-        kernel<<<chunks, kLayerNormBackwardWarps * 32, smem, gpu.stream>>>(dinp, partials, dout, inp, weight, mean, rstd, N, C,
-                                                                          rows_per_chunk);
-        cudaCheckLaunch();
-    };
-    if (lanes_packs <= 1) launch(layernorm_backward_kernel<1>);
-    else if (lanes_packs <= 2) launch(layernorm_backward_kernel<2>);
-    else if (lanes_packs <= 4) launch(layernorm_backward_kernel<4>);
-    else if (lanes_packs <= 8) launch(layernorm_backward_kernel<8>);
-    else launch(layernorm_backward_kernel<16>);
-    column_sum_accumulate(gpu, dweight, partials, chunks, C);
-    column_sum_accumulate(gpu, dbias, partials + (size_t)chunks * C, chunks, C);
+    with_layernorm_packs(lanes_packs, [&](auto packs) {
+        layernorm_backward_kernel<decltype(packs)::value><<<split.chunks, kLayerNormBackwardWarps * 32, smem, gpu.stream>>>(
+            dinp, partials, dout, inp, weight, mean, rstd, N, C, split.rows_per_chunk);
+    });
+    cudaCheckLaunch();
+    column_sum_accumulate(gpu, dweight, partials, split.chunks, C);
+    column_sum_accumulate(gpu, dbias, partials + (size_t)split.chunks * C, split.chunks, C);
 }
 
 // ----------------------------------------------------------------------------------------------------------------
