@@ -113,7 +113,7 @@ private:
 // Small helpers for kernels.
 
 __host__ __device__ inline float to_f32(float x) { return x; }
-__device__ inline float to_f32(__nv_bfloat16 x) { return __bfloat162float(x); }
+__host__ __device__ inline float to_f32(__nv_bfloat16 x) { return __bfloat162float(x); }
 
 __device__ inline floatX to_floatX(float x) {
 #if defined(BLOCKTF_PRECISION_FP32)
@@ -275,6 +275,14 @@ inline void upload_as_floatX(floatX* out, const std::vector<float>& host) {
         convert_to_floatX(out + start, staging.data(), n, 0);
         cudaCheck(cudaStreamSynchronize(0));   // staging is rewritten by the next chunk
     }
+}
+
+// floatX device values into host floats (after the stream's work so far; returns when they are on the host).
+inline void download_as_floats(float* host, const floatX* device, size_t n, cudaStream_t stream) {
+    std::vector<floatX> staging(n);
+    cudaCheck(cudaMemcpyAsync(staging.data(), device, n * sizeof(floatX), cudaMemcpyDeviceToHost, stream));
+    cudaCheck(cudaStreamSynchronize(stream));
+    for (size_t i = 0; i < n; i++) host[i] = to_f32(staging[i]);
 }
 
 // The elementwise kernels of every layer read and write 16-byte packs: n must be a multiple of kPack
@@ -676,12 +684,8 @@ private:
 
 // Row-major linear layer: out (N, OC) = inp (N, IC) · weight^T + bias, weight (OC, IC) as PyTorch stores it.
 // Column-major view: out^T (OC, N) = op_T(weight^T stored (IC, OC)) · inp^T (IC, N).
-inline void linear_forward(Gpu& gpu, void* out, cudaDataType out_type, const floatX* inp, const floatX* weight,
-                           const floatX* bias, int N, int IC, int OC) {
-    gpu.matmul(out, out_type, weight, inp, OC, N, IC, true, false, bias, 0.0f);
-}
 inline void linear_forward(Gpu& gpu, floatX* out, const floatX* inp, const floatX* weight, const floatX* bias, int N, int IC, int OC) {
-    linear_forward(gpu, out, kCudaFloatX, inp, weight, bias, N, IC, OC);
+    gpu.matmul(out, kCudaFloatX, weight, inp, OC, N, IC, true, false, bias, 0.0f);
 }
 
 // dst (C) += column sums of src (N, C): the bias and LayerNorm gradients. Deterministic (unlike atomics) in one
@@ -2485,8 +2489,10 @@ __global__ void token_input_backward_kernel(floatX* dprefix, const floatX* dx, i
 
 // ----------------------------------------------------------------------------------------------------------------
 // Softmax cross-entropy in fp32 (SPEC 10.5), fused with its gradient: one block per scored row, two passes over the
-// row's logits (they do not fit on chip: 50304 fp32 = 196 KB): one for the softmax statistics, one for the gradient.
-// logits: (n, V) fp32   targets: (n)   losses: (n) fp32 = logsumexp(z) - z[target]
+// row's logits (they do not fit on chip: 50304 values = 98 KB in bf16): one for the softmax statistics, one for the
+// gradient. The logits are stored like every activation, in floatX: bf16 in the BF16 build, as PyTorch's autocast and
+// HF's bf16 models produce them (SPEC 21); the softmax and the loss are computed in fp32 from them.
+// logits: (n, V) floatX   targets: (n)   losses: (n) fp32 = logsumexp(z) - z[target]
 // dlogits: (n, V) = (softmax(z) - onehot(target)) * dloss, where dloss = 1 / (scored rows · accumulation steps).
 
 // The running statistics of a softmax: max m and Σ exp(z - m) over the values seen. Added to one value at a time and
@@ -2518,44 +2524,47 @@ __device__ inline SoftmaxStats block_softmax_merge(SoftmaxStats x, SoftmaxStats*
     return warp_softmax_merge(lane < warps ? shared[lane] : SoftmaxStats{-INFINITY, 0.0f});
 }
 
-// kVec4: V % 4 == 0, so every row starts 16-byte aligned and is read as float4 (and its gradient written 4 at a time).
-template <bool kVec4>
-__global__ void cross_entropy_kernel(floatX* dlogits, float* losses, const float* logits, const int* targets, int V, float dloss) {
+// kPacked: V % kPack == 0, so every row starts 16-byte aligned and is read (and its gradient written) in packs.
+template <bool kPacked>
+__global__ void cross_entropy_kernel(floatX* dlogits, float* losses, const floatX* logits, const int* targets, int V, float dloss) {
     __shared__ SoftmaxStats shared[32];
     const size_t row = blockIdx.x;
-    const float* z = logits + row * V;
+    const floatX* z = logits + row * V;
     SoftmaxStats stats{-INFINITY, 0.0f};
-    if constexpr (kVec4) {
-        for (int i = threadIdx.x; i < V / 4; i += blockDim.x) {
-            const float4 x = reinterpret_cast<const float4*>(z)[i];
-            stats = softmax_add(softmax_add(softmax_add(softmax_add(stats, x.x), x.y), x.z), x.w);
+    if constexpr (kPacked) {
+        for (int p = threadIdx.x; p < V / kPack; p += blockDim.x) {
+            float x[kPack];
+            load_pack(x, z + p * kPack);
+#pragma unroll
+            for (int e = 0; e < kPack; e++) stats = softmax_add(stats, x[e]);
         }
     } else {
-        for (int v = threadIdx.x; v < V; v += blockDim.x) stats = softmax_add(stats, z[v]);
+        for (int v = threadIdx.x; v < V; v += blockDim.x) stats = softmax_add(stats, to_f32(z[v]));
     }
     stats = block_softmax_merge(stats, shared);
     const int target = targets[row];
-    if (threadIdx.x == 0) losses[row] = logf(stats.sum) + stats.max - z[target];
+    if (threadIdx.x == 0) losses[row] = logf(stats.sum) + stats.max - to_f32(z[target]);
     if (dlogits == nullptr) return;
     const float scale = dloss / stats.sum;
-    auto gradient = [&](int v, float zv) { return to_floatX(expf(zv - stats.max) * scale - (v == target ? dloss : 0.0f)); };
-    if constexpr (kVec4) {
-        struct alignas(4 * sizeof(floatX)) Four { floatX x[4]; };
-        for (int i = threadIdx.x; i < V / 4; i += blockDim.x) {
-            const float4 x = reinterpret_cast<const float4*>(z)[i];
-            reinterpret_cast<Four*>(dlogits + row * V)[i] = Four{{gradient(4 * i, x.x), gradient(4 * i + 1, x.y),
-                                                                  gradient(4 * i + 2, x.z), gradient(4 * i + 3, x.w)}};
+    auto gradient = [&](int v, float zv) { return expf(zv - stats.max) * scale - (v == target ? dloss : 0.0f); };
+    if constexpr (kPacked) {
+        for (int p = threadIdx.x; p < V / kPack; p += blockDim.x) {
+            float x[kPack];
+            load_pack(x, z + p * kPack);
+#pragma unroll
+            for (int e = 0; e < kPack; e++) x[e] = gradient(p * kPack + e, x[e]);
+            store_pack(dlogits + row * V + p * kPack, x);
         }
     } else {
-        for (int v = threadIdx.x; v < V; v += blockDim.x) dlogits[row * V + v] = gradient(v, z[v]);
+        for (int v = threadIdx.x; v < V; v += blockDim.x) dlogits[row * V + v] = to_floatX(gradient(v, to_f32(z[v])));
     }
 }
 
 // dlogits null: losses only (validation, scoring).
-inline void cross_entropy(floatX* dlogits, float* losses, const float* logits, const int* targets, int rows, int V,
+inline void cross_entropy(floatX* dlogits, float* losses, const floatX* logits, const int* targets, int rows, int V,
                           float dloss, cudaStream_t stream) {
     if (rows == 0) return;
-    if (V % 4 == 0) cross_entropy_kernel<true><<<rows, 512, 0, stream>>>(dlogits, losses, logits, targets, V, dloss);
+    if (V % kPack == 0) cross_entropy_kernel<true><<<rows, 512, 0, stream>>>(dlogits, losses, logits, targets, V, dloss);
     else cross_entropy_kernel<false><<<rows, 512, 0, stream>>>(dlogits, losses, logits, targets, V, dloss);
     cudaCheckLaunch();
 }
@@ -2972,7 +2981,7 @@ public:
         dhead_ = DeviceBuffer<floatX>(max_scored * HT);
         losses_ = DeviceBuffer<float>(max_scored);
         const size_t chunk = std::min<size_t>(max_scored, kHeadChunkRows);
-        logits_ = DeviceBuffer<float>(chunk * cfg.V);
+        logits_ = DeviceBuffer<floatX>(chunk * cfg.V);
         dlogits_ = DeviceBuffer<floatX>(chunk * cfg.V);
         scalars_ = DeviceBuffer<float>(kNormBlocks + 1);
     }
@@ -3083,7 +3092,7 @@ public:
     }
 
 private:
-    static constexpr size_t kHeadChunkRows = 4096;   // logits of at most 4096 rows exist at once (V=50304: 0.8 GB fp32)
+    static constexpr size_t kHeadChunkRows = 4096;   // logits of at most 4096 rows exist at once (V=50304: 0.4 GB bf16)
     bool training_;
     int B_, T_;
     std::unique_ptr<GpuStack> block_stack_, token_stack_;   // vanilla: token_stack_ is the whole model
@@ -3093,8 +3102,8 @@ private:
     DeviceBuffer<floatX> prefix_, dprefix_;             // block: (rows, P*HT)
     DeviceBuffer<floatX> top_input_, dtop_input_, dtop_out_;   // (top_rows, HT)
     DeviceBuffer<floatX> head_in_, dhead_;              // (scored, HT)
-    DeviceBuffer<float> losses_, logits_;               // (scored), (chunk, V)
-    DeviceBuffer<floatX> dlogits_;                      // (chunk, V)
+    DeviceBuffer<float> losses_;                        // (scored)
+    DeviceBuffer<floatX> logits_, dlogits_;             // (chunk, V)
     DeviceBuffer<float> scalars_;                       // [0]: a sum; [1..]: partial sums
     DeviceBuffer<AdamChunk> adam_chunks_;               // training: adamw_chunks(table)
     DeviceInt input_ids_, input_mask_, token_ids_, token_mask_, head_rows_, head_targets_;
@@ -3125,12 +3134,10 @@ private:
         for (size_t start = 0; start < scored_; start += kHeadChunkRows) {
             const int count = (int)std::min(kHeadChunkRows, scored_ - start);
             const floatX* h = head_in_.data() + start * HT;
-            linear_forward(gpu, logits_.data(), CUDA_R_32F, h, embed_out, nullptr, count, HT, V);
+            linear_forward(gpu, logits_.data(), h, embed_out, nullptr, count, HT, V);
             cross_entropy(grad_scale > 0 ? dlogits_.data() : nullptr, losses_.data() + start, logits_.data(),
                           head_targets_.data() + start, count, V, dloss, gpu.stream);
-            if (keep_logits)
-                cudaCheck(cudaMemcpyAsync(host_logits.data() + start * V, logits_.data(), (size_t)count * V * sizeof(float),
-                                          cudaMemcpyDeviceToHost, gpu.stream));
+            if (keep_logits) download_as_floats(host_logits.data() + start * V, logits_.data(), (size_t)count * V, gpu.stream);
             if (grad_scale > 0)
                 linear_backward(gpu, dhead_.data() + start * HT, grad(embed_out_name), nullptr, dlogits_.data(), h, embed_out, count, HT, V);
         }
@@ -4021,37 +4028,35 @@ __device__ uint32_t radix_select(int V, unsigned long long need, Weight weight, 
 }
 
 // Visits a row of logits, visit(value, id), each thread its ids in increasing order (so keeping the first of equal
-// values keeps the lowest id). A row of whole float4s (V % 4 == 0; rows are then 16-byte aligned) is read 16 bytes
-// at a time, two loads in flight per thread: the row is read once at nearly the copy rate. Other rows: one float.
+// values keeps the lowest id). A row of whole packs (V % kPack == 0; rows are then 16-byte aligned) is read 16 bytes
+// at a time, two loads in flight per thread: the row is read once at nearly the copy rate. Other rows: one value.
 template <typename Visit>
-__device__ inline void for_each_logit(const float* z, int V, Visit visit) {
-    if (V % 4 != 0) {
-        for (int v = threadIdx.x; v < V; v += blockDim.x) visit(z[v], v);
+__device__ inline void for_each_logit(const floatX* z, int V, Visit visit) {
+    if (V % kPack != 0) {
+        for (int v = threadIdx.x; v < V; v += blockDim.x) visit(to_f32(z[v]), v);
         return;
     }
-    const float4* z4 = reinterpret_cast<const float4*>(z);
-    const int V4 = V / 4, stride = blockDim.x;
-    auto visit4 = [&](float4 x, int i) {
-        visit(x.x, 4 * i);
-        visit(x.y, 4 * i + 1);
-        visit(x.z, 4 * i + 2);
-        visit(x.w, 4 * i + 3);
+    const int packs = V / kPack, stride = blockDim.x;
+    auto visit_pack = [&](const float (&x)[kPack], int p) {
+#pragma unroll
+        for (int e = 0; e < kPack; e++) visit(x[e], p * kPack + e);
     };
-    for (int i = threadIdx.x; i < V4; i += 2 * stride) {
-        const bool second = i + stride < V4;
-        const float4 a = z4[i];
-        const float4 b = second ? z4[i + stride] : a;
-        visit4(a, i);
-        if (second) visit4(b, i + stride);
+    for (int p = threadIdx.x; p < packs; p += 2 * stride) {
+        const bool second = p + stride < packs;
+        float a[kPack], b[kPack];
+        load_pack(a, z + p * kPack);
+        load_pack(b, z + (second ? p + stride : p) * kPack);
+        visit_pack(a, p);
+        if (second) visit_pack(b, p + stride);
     }
 }
 
-// logits: (B, V) fp32, one block per row. The chosen id of row b goes to current[b], to
+// logits: (B, V) floatX, one block per row (read as fp32). The chosen id of row b goes to current[b], to
 // history[b * history_stride + col] with col = (dyn_col ? *dyn_col : 0) + col_offset (also the random draw's counter),
 // and, when block_ids is set, to block_ids[b * block_stride + slot].
 __global__ void __launch_bounds__(kSampleThreads)
 sample_kernel(int* current, int* history, int history_stride, const int* dyn_col, int col_offset, int* block_ids,
-              int block_stride, int slot, const float* logits, int V, SamplingSettings settings) {
+              int block_stride, int slot, const floatX* logits, int V, SamplingSettings settings) {
     __shared__ float reduce_shared[32];
     __shared__ float best_shared[32];
     __shared__ int best_id_shared[32];
@@ -4061,7 +4066,7 @@ sample_kernel(int* current, int* history, int history_stride, const int* dyn_col
     __shared__ uint32_t digit_shared;
     __shared__ int chosen;
     const int row = blockIdx.x, tid = threadIdx.x, lane = tid % 32, warp = tid / 32, warps = blockDim.x / 32;
-    const float* z = logits + (size_t)row * V;
+    const floatX* z = logits + (size_t)row * V;
     const int col = (dyn_col ? *dyn_col : 0) + col_offset;
     if (tid == 0) chosen = 0;
 
@@ -4102,13 +4107,13 @@ sample_kernel(int* current, int* history, int history_stride, const int* dyn_col
         uint32_t cut = 0;   // ids with key < cut are out
         if (settings.top_k > 0 && settings.top_k < V) {
             auto count = [&](int v, uint32_t& key) -> unsigned long long {
-                key = order_key(z[v] / temperature);
+                key = order_key(to_f32(z[v]) / temperature);
                 return 1ull;
             };
             cut = radix_select(V, (unsigned long long)settings.top_k, count, hist, &digit_shared, &need_shared);
         }
         auto weight = [&](int v, uint32_t& key) -> unsigned long long {
-            const float zv = z[v] / temperature;
+            const float zv = to_f32(z[v]) / temperature;
             key = order_key(zv);
             return key >= cut ? (unsigned long long)(expf(zv - z_max) * kSampleWeightOne) : 0ull;
         };
@@ -4179,10 +4184,10 @@ sample_kernel(int* current, int* history, int history_stride, const int* dyn_col
 }
 
 // kept: (B, columns, V) fp32; logits (B, V) go to column (dyn_col ? *dyn_col : 0) + col_offset (tests).
-__global__ void keep_logits_kernel(float* kept, const float* logits, int B, int V, int columns, const int* dyn_col, int col_offset) {
+__global__ void keep_logits_kernel(float* kept, const floatX* logits, int B, int V, int columns, const int* dyn_col, int col_offset) {
     const int col = (dyn_col ? *dyn_col : 0) + col_offset;
     if (col >= columns) return;
-    GRID_STRIDE_LOOP(i, (size_t)B * V) kept[((i / V) * columns + col) * V + i % V] = logits[i];
+    GRID_STRIDE_LOOP(i, (size_t)B * V) kept[((i / V) * columns + col) * V + i % V] = to_f32(logits[i]);
 }
 
 // counters: [0] the next position of the main cache, [1] the next output column.
@@ -4213,7 +4218,7 @@ struct GenerationOptions {
     int max_new_tokens = 64;
     SamplingSettings sampling;
     bool stop_at_eos = true;    // a row stops at <|endoftext|>; the run ends early once every row has stopped
-    bool keep_logits = false;   // tests: keep the fp32 logits every generated id was chosen from (kept_logits())
+    bool keep_logits = false;   // tests: keep the logits every generated id was chosen from, as fp32 (kept_logits())
     bool cuda_graph = true;     // replay the captured decode step (false: launch every kernel each step, for tests)
 };
 
@@ -4318,7 +4323,7 @@ public:
         current_ = DeviceBuffer<int>(B_);
         history_ = DeviceBuffer<int>((size_t)B_ * columns_);
         host_tokens_ = std::make_unique<PinnedBuffer<int>>((size_t)B_ * columns_);
-        logits_ = DeviceBuffer<float>((size_t)B_ * cfg_.V);
+        logits_ = DeviceBuffer<floatX>((size_t)B_ * cfg_.V);
         if (options.keep_logits) kept_ = DeviceBuffer<float>((size_t)B_ * columns_ * cfg_.V);
 
         const int HT = cfg_.token_decoder.C;
@@ -4396,7 +4401,7 @@ public:
         }
         return out;
     }
-    // keep_logits: (B, max_new_tokens, V) the fp32 logits each generated id was chosen from.
+    // keep_logits: (B, max_new_tokens, V) the logits each generated id was chosen from, as fp32.
     std::vector<float> kept_logits() const {
         if (!options_.keep_logits) throw std::runtime_error("kept_logits: the generation was not asked to keep logits");
         cudaCheck(cudaStreamSynchronize(gpu_.stream));
@@ -4436,7 +4441,7 @@ private:
     DeviceBuffer<floatX> prefix_;           // block: (B, P*HT) = (B*P, HT) prefix vectors
     DeviceBuffer<floatX> token_embedded_;   // block: (B, HT) the newest token's token-decoder embedding
     DeviceBuffer<floatX> hidden_;           // (B, HT) LM-head input gathered from a prefill output
-    DeviceBuffer<float> logits_;            // (B, V)
+    DeviceBuffer<floatX> logits_;           // (B, V)
     DeviceBuffer<float> kept_;              // keep_logits: (B, columns, V)
     std::unique_ptr<PinnedBuffer<int>> host_tokens_;   // (B, columns) the ids, copied after each step
     cudaGraph_t graph_ = nullptr;
@@ -4460,7 +4465,7 @@ private:
     void head_and_sample(const floatX* input, const int* dyn_col, int col_offset, int slot) {
         const int HT = cfg_.token_decoder.C, V = cfg_.V;
         const floatX* embed_out = param(cfg_.is_block ? "token_decoder.embed_out.weight" : "embed_out.weight");
-        linear_forward(gpu_, logits_.data(), CUDA_R_32F, input, embed_out, nullptr, B_, HT, V);
+        linear_forward(gpu_, logits_.data(), input, embed_out, nullptr, B_, HT, V);
         if (options_.keep_logits) {
             keep_logits_kernel<<<grid_for((size_t)B_ * V, 256), 256, 0, gpu_.stream>>>(kept_.data(), logits_.data(), B_, V, columns_,
                                                                                        dyn_col, col_offset);

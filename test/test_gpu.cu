@@ -197,7 +197,7 @@ GPU_TEST_CASE("gpu: column sums (bias and LayerNorm gradients), several shapes, 
     check_column_sums(20440, 768, 34);
 }
 
-GPU_TEST_CASE("gpu: linear forward (bias epilogue, fp32 output) and backward") {
+GPU_TEST_CASE("gpu: linear forward (with and without the bias epilogue) and backward") {
     Gpu gpu;
     std::mt19937 rng(2);
     const int N = 50, IC = 48, OC = 80;
@@ -208,10 +208,10 @@ GPU_TEST_CASE("gpu: linear forward (bias epilogue, fp32 output) and backward") {
     ref::matmul_forward(out_ref.data(), x.host.data(), w.host.data(), b.host.data(), N, IC, OC);
     CHECK_CLOSE(download(out.data(), N * OC), out_ref, N * OC, kKernelTolerance);
 
-    auto out32 = poisoned<float>(N * OC);   // the LM head's form: no bias, fp32 logits
-    linear_forward(gpu, out32.data(), CUDA_R_32F, x.device.data(), w.device.data(), nullptr, N, IC, OC);
+    auto logits = poisoned<floatX>(N * OC);   // the LM head's form: no bias
+    linear_forward(gpu, logits.data(), x.device.data(), w.device.data(), nullptr, N, IC, OC);
     ref::matmul_forward(out_ref.data(), x.host.data(), w.host.data(), (const float*)nullptr, N, IC, OC);
-    CHECK_CLOSE(download(out32.data(), N * OC), out_ref, N * OC, kFp32Build ? 1e-5 : 1e-3);
+    CHECK_CLOSE(download(logits.data(), N * OC), out_ref, N * OC, kKernelTolerance);
 
     TestTensor dout = random_tensor(N * OC, rng), dw = random_tensor(OC * IC, rng), db = random_tensor(OC, rng);
     auto dinp = poisoned<floatX>(N * IC);
@@ -464,25 +464,26 @@ GPU_TEST_CASE("gpu: GELU forward and backward") {
     CHECK_CLOSE(download(dinp.data(), n), dinp_ref, n, kKernelTolerance);
 }
 
-// V = 1001 takes the scalar kernel, V = 50304 (Pythia's padded vocabulary) the float4 one; in row 0 every logit but
-// the target's is the same value (ties everywhere, the maximum far from the first element).
+// V = 1001 takes the scalar kernel, V = 50304 (Pythia's padded vocabulary) the packed one; in row 0 every logit but
+// the target's is the same value (ties everywhere, the maximum far from the first element). The logits are floatX,
+// as the LM head writes them; the reference reads the same rounded values.
 static void check_cross_entropy(int rows, int V, uint32_t seed) {
     CAPTURE(rows); CAPTURE(V);
     std::mt19937 rng(seed);
     std::normal_distribution<float> normal(0.0f, 3.0f);
-    std::vector<float> logits((size_t)rows * V);
-    for (float& z : logits) z = normal(rng);
+    std::vector<float> values((size_t)rows * V);
+    for (float& z : values) z = normal(rng);
     std::vector<int> targets(rows);
     for (int& t : targets) t = rng() % V;
-    std::fill(logits.begin(), logits.begin() + V, 0.5f);
-    logits[targets[0]] = 4.0f;
-    DeviceBuffer<float> logits_device(logits.size());
-    logits_device.upload(logits.data(), logits.size());
+    std::fill(values.begin(), values.begin() + V, 0.5f);
+    values[targets[0]] = 4.0f;
+    const TestTensor logits_tensor = make_tensor(values);
+    const std::vector<float>& logits = logits_tensor.host;
     DeviceBuffer<int> targets_device(rows);
     targets_device.upload(targets.data(), rows);
     auto losses = poisoned<float>(rows);
     auto dlogits = poisoned<floatX>((size_t)rows * V);
-    cross_entropy(dlogits.data(), losses.data(), logits_device.data(), targets_device.data(), rows, V, 1.0f / rows, 0);
+    cross_entropy(dlogits.data(), losses.data(), logits_tensor.device.data(), targets_device.data(), rows, V, 1.0f / rows, 0);
     cudaCheck(cudaDeviceSynchronize());
     const std::vector<float> losses_gpu = download(losses.data(), rows);
     for (int r = 0; r < rows; r++) {

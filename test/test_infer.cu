@@ -540,23 +540,23 @@ void check_greedy_tokens(const char* name) {
 GPU_TEST_CASE("infer: tiny_block greedy tokens equal a greedy loop over the CPU reference") { check_greedy_tokens("tiny_block"); }
 GPU_TEST_CASE("infer: tiny_vanilla greedy tokens equal a greedy loop over the CPU reference") { check_greedy_tokens("tiny_vanilla"); }
 
-// The token-choice kernel on rows made to be hard, at widths read as float4s (96, 50304) and one float at a time (97):
+// The token-choice kernel on floatX rows made to be hard, at widths read as packs (96, 50304) and one value at a time (97):
 // greedy takes the first of equal largest logits and ignores NaN (and picks 0 when nothing is larger than -inf);
 // top-k 1 sampling of finite logits keeps only the largest (ties at the cut kept) whatever the draw.
-GPU_TEST_CASE("infer: token choice: greedy's first largest logit, NaN and ties, and top-k 1, at widths read as float4 or not") {
+GPU_TEST_CASE("infer: token choice: greedy's first largest logit, NaN and ties, and top-k 1, at widths read in packs or not") {
     for (int V : {96, 97, 50304}) {
         CAPTURE(V);
         constexpr int B = 4;
         std::mt19937 rng(V);
         std::normal_distribution<float> normal(0.0f, 3.0f);
         std::vector<float> logits((size_t)B * V);
-        for (float& z : logits) z = normal(rng);
+        for (float& z : logits) z = rounded_to_floatX(normal(rng));   // the values the kernel reads
         auto row = [&](int b) { return logits.data() + (size_t)b * V; };
         row(1)[3] = row(1)[V - 2] = 100.0f;            // a tie for the largest: id 3 comes first
         row(2)[0] = NAN, row(2)[V - 1] = 100.0f;       // NaN never wins
         std::fill(row(3), row(3) + V, -INFINITY);      // nothing above -inf: greedy answers 0
-        DeviceBuffer<float> logits_device(logits.size());
-        logits_device.upload(logits.data(), logits.size());
+        DeviceBuffer<floatX> logits_device(logits.size());
+        upload_as_floatX(logits_device.data(), logits);
         for (const SamplingSettings& settings : {SamplingSettings{}, SamplingSettings{1.0f, 1, 1.0f, 11}}) {
             const bool greedy = settings.temperature <= 0.0f;
             CAPTURE(greedy);
