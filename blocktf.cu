@@ -108,6 +108,30 @@ private:
     size_t count_ = 0;
 };
 
+// Page-locked host memory: copies between it and the device are truly asynchronous (the host does not wait).
+// Move-only.
+template <typename T>
+class PinnedBuffer {
+public:
+    PinnedBuffer() = default;
+    explicit PinnedBuffer(size_t count) : count_(count) {
+        if (count > 0) cudaCheck(cudaHostAlloc((void**)&data_, count * sizeof(T), cudaHostAllocDefault));
+    }
+    PinnedBuffer& operator=(PinnedBuffer&& other) noexcept {
+        std::swap(data_, other.data_);
+        std::swap(count_, other.count_);
+        return *this;
+    }
+    PinnedBuffer(const PinnedBuffer&) = delete;
+    PinnedBuffer& operator=(const PinnedBuffer&) = delete;
+    ~PinnedBuffer() { if (data_) cudaFreeHost(data_); }
+    T* data() const { return data_; }
+    size_t size() const { return count_; }
+
+private:
+    T* data_ = nullptr;
+    size_t count_ = 0;
+};
 
 // ----------------------------------------------------------------------------------------------------------------
 // Small helpers for kernels.
@@ -2569,13 +2593,14 @@ inline void cross_entropy(floatX* dlogits, float* losses, const floatX* logits, 
     cudaCheckLaunch();
 }
 
-// out[0] = Σ in[0..n) in a fixed order (one block): the micro-batch loss, the squared gradient norm.
-__global__ void sum_kernel(float* out, const float* in, size_t n) {
+// out[0] = scale Σ in[0..n) in a fixed order (one block), or added to out[0] with accumulate: the micro-batch
+// losses' mean into the loss sum, the squared gradient norm.
+__global__ void sum_kernel(float* out, const float* in, size_t n, float scale, bool accumulate) {
     __shared__ float shared[32];
     float sum = 0.0f;
     for (size_t i = threadIdx.x; i < n; i += blockDim.x) sum += in[i];
     sum = block_sum(sum, shared);
-    if (threadIdx.x == 0) out[0] = sum;
+    if (threadIdx.x == 0) out[0] = (accumulate ? out[0] : 0.0f) + scale * sum;
 }
 
 // ----------------------------------------------------------------------------------------------------------------
@@ -2628,10 +2653,14 @@ __device__ inline void adamw_value(float g, float& m, float& v, float& p, float 
     p -= lr * ((m / bias1) / (sqrtf(v / bias2) + kAdamEps) + weight_decay * p);
 }
 
-// master, m, v updated; params = floatX(master).
+// master, m, v updated; params = floatX(master). The gradients are scaled by min(1, clip / (norm + 1e-6)),
+// norm = √squared_norm; nothing changes when the loss sum or the norm is not finite (the step is skipped).
 __global__ void __launch_bounds__(kAdamThreads)
-adamw_kernel(floatX* params, float* master, float* m, float* v, const floatX* grads, const AdamChunk* chunks, float lr,
-             float grad_scale, float bias1, float bias2, float weight_decay) {
+adamw_kernel(floatX* params, float* master, float* m, float* v, const floatX* grads, const AdamChunk* chunks,
+             const float* loss_sum, const float* squared_norm, float lr, float clip, float bias1, float bias2, float weight_decay) {
+    const float norm = sqrtf(*squared_norm);
+    if (!isfinite(*loss_sum) || !isfinite(norm)) return;
+    const float grad_scale = fminf(1.0f, clip / (norm + kClipEps));
     const AdamChunk chunk = chunks[blockIdx.x];
     const float decay = chunk.decay ? weight_decay : 0.0f;
     for (unsigned i = threadIdx.x * kPack; i < chunk.count; i += kAdamThreads * kPack) {
@@ -2890,30 +2919,66 @@ inline BatchPlan plan_batch(const ModelConfig& cfg, int B, int T, const std::vec
     return plan;
 }
 
-// Device copies of a BatchPlan's arrays, allocated once for the largest batch and refilled each step.
-struct DeviceInt {
-    DeviceBuffer<int> buffer;
-    void fill(const std::vector<int>& host) {
-        if (buffer.size() < host.size()) buffer = DeviceBuffer<int>(host.size());
-        if (!host.empty()) buffer.upload(host.data(), host.size());
-    }
-    const int* data() const { return buffer.data(); }
-};
-struct DeviceBuckets {
-    DeviceInt ids, starts, rows;
+// A BatchPlan's int arrays on the device, sent in one asynchronous copy: they are packed into one pinned host
+// buffer and copied on the model's stream, where the copy comes after the previous micro-batch's kernels (which
+// read the same device buffer), so the host does not wait for the GPU. The host refills the pinned buffer only once
+// its previous copy has finished (an event; by then long done, unless the host runs far ahead).
+struct DeviceBuckets {   // a Buckets on the device
+    const int* ids = nullptr;
+    const int* starts = nullptr;
+    const int* rows = nullptr;
     size_t count = 0;
-    void fill(const Buckets& b) {
-        ids.fill(b.ids);
-        starts.fill(b.starts);
-        rows.fill(b.rows);
-        count = b.ids.size();
+};
+class DevicePlan {
+public:
+    const int* input_ids = nullptr;
+    const int* input_mask = nullptr;
+    const int* token_ids = nullptr;
+    const int* token_mask = nullptr;
+    const int* head_rows = nullptr;
+    const int* head_targets = nullptr;
+    DeviceBuckets input_buckets, token_buckets;
+
+    DevicePlan() { cudaCheck(cudaEventCreateWithFlags(&copied_, cudaEventDisableTiming)); }
+    DevicePlan(const DevicePlan&) = delete;
+    DevicePlan& operator=(const DevicePlan&) = delete;
+    ~DevicePlan() { cudaEventDestroy(copied_); }
+
+    void upload(const BatchPlan& plan, cudaStream_t stream) {
+        const std::pair<const std::vector<int>*, const int**> arrays[] = {
+            {&plan.input_ids, &input_ids}, {&plan.input_mask, &input_mask}, {&plan.token_ids, &token_ids},
+            {&plan.token_mask, &token_mask}, {&plan.head_rows, &head_rows}, {&plan.head_targets, &head_targets},
+            {&plan.input_buckets.ids, &input_buckets.ids}, {&plan.input_buckets.starts, &input_buckets.starts},
+            {&plan.input_buckets.rows, &input_buckets.rows}, {&plan.token_buckets.ids, &token_buckets.ids},
+            {&plan.token_buckets.starts, &token_buckets.starts}, {&plan.token_buckets.rows, &token_buckets.rows}};
+        size_t total = 0;
+        for (const auto& array : arrays) total += array.first->size();
+        cudaCheck(cudaEventSynchronize(copied_));
+        if (host_.size() < total) {   // the first plan, or a larger one (freeing device_ waits for its readers)
+            host_ = PinnedBuffer<int>(total);
+            device_ = DeviceBuffer<int>(total);
+        }
+        size_t offset = 0;
+        for (const auto& array : arrays) {
+            std::copy(array.first->begin(), array.first->end(), host_.data() + offset);
+            *array.second = device_.data() + offset;
+            offset += array.first->size();
+        }
+        input_buckets.count = plan.input_buckets.ids.size();
+        token_buckets.count = plan.token_buckets.ids.size();
+        if (total > 0) cudaCheck(cudaMemcpyAsync(device_.data(), host_.data(), total * sizeof(int), cudaMemcpyHostToDevice, stream));
+        cudaCheck(cudaEventRecord(copied_, stream));
     }
+
+private:
+    PinnedBuffer<int> host_;
+    DeviceBuffer<int> device_;
+    cudaEvent_t copied_ = nullptr;
 };
 
 inline void embedding_backward(floatX* dtable, const floatX* dsrc, const DeviceBuckets& buckets, int C, cudaStream_t stream) {
     if (buckets.count == 0) return;
-    embedding_backward_kernel<<<(unsigned)buckets.count, 256, 0, stream>>>(dtable, dsrc, buckets.ids.data(), buckets.starts.data(),
-                                                                           buckets.rows.data(), C);
+    embedding_backward_kernel<<<(unsigned)buckets.count, 256, 0, stream>>>(dtable, dsrc, buckets.ids, buckets.starts, buckets.rows, C);
     cudaCheckLaunch();
 }
 
@@ -2983,7 +3048,8 @@ public:
         const size_t chunk = std::min<size_t>(max_scored, kHeadChunkRows);
         logits_ = DeviceBuffer<floatX>(chunk * cfg.V);
         dlogits_ = DeviceBuffer<floatX>(chunk * cfg.V);
-        scalars_ = DeviceBuffer<float>(kNormBlocks + 1);
+        scalars_ = DeviceBuffer<float>(kNormPartials + kNormBlocks);
+        cudaCheck(cudaMemsetAsync(scalars_.data(), 0, scalars_.size() * sizeof(float), gpu.stream));
     }
 
     // host: (num_params) fp32 laid out by the table: the master weights, and params rounded from them.
@@ -2998,83 +3064,98 @@ public:
         cudaCheck(cudaStreamSynchronize(gpu.stream));
     }
 
+    // A training step is zero_grad(), forward() and backward() for each micro-batch, update(), then finish(): every
+    // call but finish() only enqueues work on the stream, so the GPU never waits for the host within a step.
+
     void zero_grad() { cudaCheck(cudaMemsetAsync(grads.data(), 0, grads.size() * sizeof(floatX), gpu.stream)); }
 
-    // Mean cross-entropy of the micro-batch's scored tokens. With grad_scale > 0 (training) it also computes the
-    // LM head's gradients for a loss scaled by grad_scale (1 / accumulation steps); backward() then does the rest.
-    float forward(const BatchPlan& plan, float grad_scale) {
+    // Enqueues the forward of a micro-batch: the mean cross-entropy of its scored tokens is added to the loss sum that
+    // finish() reads. With grad_scale > 0 (training) it also computes the LM head's gradients for a loss scaled by
+    // grad_scale (1 / accumulation steps); backward() then does the rest.
+    void forward(const BatchPlan& plan, float grad_scale) {
         if (plan.B != B_ || plan.T != T_) throw std::runtime_error("GpuModel::forward: batch shape differs from the model's");
         if (grad_scale > 0 && !training_) throw std::runtime_error("GpuModel::forward: a scoring model has no gradients");
-        upload(plan);
+        batch_.upload(plan, gpu.stream);
+        scored_ = plan.head_rows.size();
         const int HT = cfg.token_decoder.C;
         if (cfg.is_block) {
             const int rows = plan.B * (plan.T / cfg.LB - 1), DB = cfg.block_decoder.C, DE = cfg.DE, P = cfg.P, S = cfg.token_seq_len();
             // embedder (SPEC 1.2): (rows*LB, DE) rows of the table are (rows, DB) concatenated block embeddings
-            gather_rows(first_input_.data(), param("embedder.embeddings.weight"), input_ids_.data(), (size_t)rows * cfg.LB, DE, gpu.stream);
-            block_stack_->forward(gpu, first_input_.data(), input_mask_.data(), params.data());
+            gather_rows(first_input_.data(), param("embedder.embeddings.weight"), batch_.input_ids, (size_t)rows * cfg.LB, DE, gpu.stream);
+            block_stack_->forward(gpu, first_input_.data(), batch_.input_mask, params.data());
             linear_forward(gpu, prefix_.data(), block_stack_->out(), param("token_decoder.expansion_layer.weight"),
                            param("token_decoder.expansion_layer.bias"), rows, DB, P * HT);
             token_input_kernel<<<grid_for(top_rows_ * HT, 256), 256, 0, gpu.stream>>>(top_input_.data(), prefix_.data(),
-                param("token_decoder.gpt_neox.embed_in.weight"), token_ids_.data(), rows, S, P, HT);
+                param("token_decoder.gpt_neox.embed_in.weight"), batch_.token_ids, rows, S, P, HT);
             cudaCheckLaunch();
-            token_stack_->forward(gpu, top_input_.data(), token_mask_.data(), params.data());
+            token_stack_->forward(gpu, top_input_.data(), batch_.token_mask, params.data());
         } else {
             floatX* embedded = dtop_out_.data();   // free until backward; holds the embeddings during forward
-            gather_rows(embedded, param("gpt_neox.embed_in.weight"), input_ids_.data(), top_rows_, HT, gpu.stream);
-            token_stack_->forward(gpu, embedded, input_mask_.data(), params.data());
+            gather_rows(embedded, param("gpt_neox.embed_in.weight"), batch_.input_ids, top_rows_, HT, gpu.stream);
+            token_stack_->forward(gpu, embedded, batch_.input_mask, params.data());
         }
-        return head(grad_scale);
+        head(grad_scale);
     }
 
     // grads += d(loss * grad_scale)/d(params) for the last forward (called with grad_scale > 0).
     void backward() {
         const int HT = cfg.token_decoder.C;
         cudaCheck(cudaMemsetAsync(dtop_out_.data(), 0, top_rows_ * HT * sizeof(floatX), gpu.stream));
-        scatter_rows(dtop_out_.data(), dhead_.data(), head_rows_.data(), scored_, HT, gpu.stream);
+        scatter_rows(dtop_out_.data(), dhead_.data(), batch_.head_rows, scored_, HT, gpu.stream);
         token_stack_->backward(gpu, dtop_input_.data(), dtop_out_.data(), grads.data(), params.data());
         if (!cfg.is_block) {
-            embedding_backward(grad("gpt_neox.embed_in.weight"), dtop_input_.data(), input_buckets_, HT, gpu.stream);
+            embedding_backward(grad("gpt_neox.embed_in.weight"), dtop_input_.data(), batch_.input_buckets, HT, gpu.stream);
             return;
         }
         const int rows = B_ * (T_ / cfg.LB - 1), DB = cfg.block_decoder.C, P = cfg.P, S = cfg.token_seq_len();
         token_input_backward_kernel<<<grid_for((size_t)rows * P * HT, 256), 256, 0, gpu.stream>>>(dprefix_.data(), dtop_input_.data(), rows, S, P, HT);
         cudaCheckLaunch();
-        embedding_backward(grad("token_decoder.gpt_neox.embed_in.weight"), dtop_input_.data(), token_buckets_, HT, gpu.stream);
+        embedding_backward(grad("token_decoder.gpt_neox.embed_in.weight"), dtop_input_.data(), batch_.token_buckets, HT, gpu.stream);
         linear_backward(gpu, dcontext_.data(), grad("token_decoder.expansion_layer.weight"), grad("token_decoder.expansion_layer.bias"),
                         dprefix_.data(), block_stack_->out(), param("token_decoder.expansion_layer.weight"), rows, DB, P * HT);
         block_stack_->backward(gpu, dfirst_input_.data(), dcontext_.data(), grads.data(), params.data());
-        embedding_backward(grad("embedder.embeddings.weight"), dfirst_input_.data(), input_buckets_, cfg.DE, gpu.stream);
+        embedding_backward(grad("embedder.embeddings.weight"), dfirst_input_.data(), batch_.input_buckets, cfg.DE, gpu.stream);
     }
 
-    // Global L2 norm of the gradients (deterministic; one host synchronisation, since the norm decides the clip
-    // coefficient and whether the step is finite).
-    float grad_norm() {
-        squared_norm_partials_kernel<<<kNormBlocks, 256, 0, gpu.stream>>>(scalars_.data() + 1, grads.data(), table.num_trainable);
+    // Enqueues one AdamW update of every trainable tensor (SPEC 3.3), the gradients scaled by
+    // min(1, clip / (norm + 1e-6)) with norm their global L2 norm (deterministic). The clip coefficient is formed
+    // on the GPU, and the update is skipped there, leaving weights and moments as they were, when the loss sum of
+    // the forwards since the last finish() or the norm is not finite.
+    void update(const AdamWSettings& settings) {
+        if (!training_) throw std::runtime_error("GpuModel::update: a scoring model has no optimizer state");
+        float* squared_norm = scalars_.data() + kSquaredNorm;
+        squared_norm_partials_kernel<<<kNormBlocks, 256, 0, gpu.stream>>>(scalars_.data() + kNormPartials, grads.data(), table.num_trainable);
         cudaCheckLaunch();
-        sum_kernel<<<1, 1024, 0, gpu.stream>>>(scalars_.data(), scalars_.data() + 1, kNormBlocks);
+        sum_kernel<<<1, 1024, 0, gpu.stream>>>(squared_norm, scalars_.data() + kNormPartials, kNormBlocks, 1.0f, false);
         cudaCheckLaunch();
-        float squared = 0.0f;
-        cudaCheck(cudaMemcpyAsync(&squared, scalars_.data(), sizeof(float), cudaMemcpyDeviceToHost, gpu.stream));
-        cudaCheck(cudaStreamSynchronize(gpu.stream));
-        return std::sqrt(squared);
-    }
-
-    // One AdamW update of every trainable tensor (SPEC 3.3), the gradients scaled by min(1, clip / (norm + 1e-6)).
-    void adamw_step(float norm, const AdamWSettings& settings) {
-        const float grad_scale = std::min(1.0f, settings.clip / (norm + kClipEps));
-        adam_steps++;
-        const float bias1 = 1.0f - std::pow(kAdamBeta1, (float)adam_steps), bias2 = 1.0f - std::pow(kAdamBeta2, (float)adam_steps);
+        const int step = adam_steps + 1;   // counted by finish() once the update is known to have been applied
+        const float bias1 = 1.0f - std::pow(kAdamBeta1, (float)step), bias2 = 1.0f - std::pow(kAdamBeta2, (float)step);
+        update_enqueued_ = true;
         if (adam_chunks_.size() == 0) return;   // nothing trainable
         adamw_kernel<<<(unsigned)adam_chunks_.size(), kAdamThreads, 0, gpu.stream>>>(params.data(), master.data(), adam_m.data(),
-            adam_v.data(), grads.data(), adam_chunks_.data(), settings.lr, grad_scale, bias1, bias2, settings.weight_decay);
+            adam_v.data(), grads.data(), adam_chunks_.data(), scalars_.data() + kLossSum, squared_norm, settings.lr,
+            settings.clip, bias1, bias2, settings.weight_decay);
         cudaCheckLaunch();
     }
 
-    // grad_norm + adamw_step with the original settings; returns the norm before clipping.
-    float update(float lr) {
-        const float norm = grad_norm();
-        adamw_step(norm, AdamWSettings{lr});
-        return norm;
+    // Waits for the GPU (the one synchronisation of a training step). loss: the mean of the micro-batch losses of the
+    // forwards since the last finish(); norm: the gradient norm of update() before clipping (NaN without an update).
+    // updated: whether the update was applied (both finite). Starts a new loss sum.
+    struct Finished {
+        float loss, norm;
+        bool updated;
+    };
+    Finished finish() {
+        cudaCheck(cudaMemcpyAsync(finished_.data(), scalars_.data(), 2 * sizeof(float), cudaMemcpyDeviceToHost, gpu.stream));
+        cudaCheck(cudaMemsetAsync(scalars_.data() + kLossSum, 0, sizeof(float), gpu.stream));
+        cudaCheck(cudaStreamSynchronize(gpu.stream));
+        Finished result{forwards_ > 0 ? finished_.data()[kLossSum] / forwards_ : NAN,
+                        update_enqueued_ ? std::sqrt(finished_.data()[kSquaredNorm]) : NAN, false};
+        result.updated = update_enqueued_ && std::isfinite(finished_.data()[kLossSum]) && std::isfinite(result.norm);
+        if (result.updated) adam_steps++;
+        forwards_ = 0;
+        update_enqueued_ = false;
+        return result;
     }
 
     // The cross-entropy of each scored token of the last forward, in the plan's head order (plan.head_positions).
@@ -3104,49 +3185,40 @@ private:
     DeviceBuffer<floatX> head_in_, dhead_;              // (scored, HT)
     DeviceBuffer<float> losses_;                        // (scored)
     DeviceBuffer<floatX> logits_, dlogits_;             // (chunk, V)
-    DeviceBuffer<float> scalars_;                       // [0]: a sum; [1..]: partial sums
+    // scalars_: [kLossSum] the forwards' loss sum, [kSquaredNorm] the squared gradient norm, then the norm's
+    // partial sums; finish() reads the first two (through finished_).
+    static constexpr int kLossSum = 0, kSquaredNorm = 1, kNormPartials = 2;
+    DeviceBuffer<float> scalars_;
+    PinnedBuffer<float> finished_{2};
+    int forwards_ = 0;                                  // forwards since the last finish()
+    bool update_enqueued_ = false;                      // update() since the last finish()
     DeviceBuffer<AdamChunk> adam_chunks_;               // training: adamw_chunks(table)
-    DeviceInt input_ids_, input_mask_, token_ids_, token_mask_, head_rows_, head_targets_;
-    DeviceBuckets input_buckets_, token_buckets_;
-    size_t scored_ = 0;
-
-    void upload(const BatchPlan& plan) {
-        input_ids_.fill(plan.input_ids);
-        input_mask_.fill(plan.input_mask);
-        token_ids_.fill(plan.token_ids);
-        token_mask_.fill(plan.token_mask);
-        head_rows_.fill(plan.head_rows);
-        head_targets_.fill(plan.head_targets);
-        input_buckets_.fill(plan.input_buckets);
-        token_buckets_.fill(plan.token_buckets);
-        scored_ = plan.head_rows.size();
-    }
+    DevicePlan batch_;                                  // the last forward's micro-batch
+    size_t scored_ = 0;                                 // its scored tokens
 
     // LM head + cross-entropy over the scored rows, chunk by chunk; with gradients, dhead and embed_out's gradient.
-    float head(float grad_scale) {
+    // The mean loss is added to the loss sum.
+    void head(float grad_scale) {
         const int HT = cfg.token_decoder.C, V = cfg.V;
         const char* embed_out_name = cfg.is_block ? "token_decoder.embed_out.weight" : "embed_out.weight";
         const floatX* embed_out = param(embed_out_name);
         if (keep_logits) host_logits.resize(scored_ * V);
-        if (scored_ == 0) return 0.0f;
-        gather_rows(head_in_.data(), token_stack_->out(), head_rows_.data(), scored_, HT, gpu.stream);
+        forwards_++;
+        if (scored_ == 0) return;   // a loss of 0
+        gather_rows(head_in_.data(), token_stack_->out(), batch_.head_rows, scored_, HT, gpu.stream);
         const float dloss = grad_scale / (float)scored_;
         for (size_t start = 0; start < scored_; start += kHeadChunkRows) {
             const int count = (int)std::min(kHeadChunkRows, scored_ - start);
             const floatX* h = head_in_.data() + start * HT;
             linear_forward(gpu, logits_.data(), h, embed_out, nullptr, count, HT, V);
             cross_entropy(grad_scale > 0 ? dlogits_.data() : nullptr, losses_.data() + start, logits_.data(),
-                          head_targets_.data() + start, count, V, dloss, gpu.stream);
+                          batch_.head_targets + start, count, V, dloss, gpu.stream);
             if (keep_logits) download_as_floats(host_logits.data() + start * V, logits_.data(), (size_t)count * V, gpu.stream);
             if (grad_scale > 0)
                 linear_backward(gpu, dhead_.data() + start * HT, grad(embed_out_name), nullptr, dlogits_.data(), h, embed_out, count, HT, V);
         }
-        sum_kernel<<<1, 1024, 0, gpu.stream>>>(scalars_.data(), losses_.data(), scored_);
+        sum_kernel<<<1, 1024, 0, gpu.stream>>>(scalars_.data() + kLossSum, losses_.data(), scored_, 1.0f / (float)scored_, true);
         cudaCheckLaunch();
-        float sum = 0.0f;
-        cudaCheck(cudaMemcpyAsync(&sum, scalars_.data(), sizeof(float), cudaMemcpyDeviceToHost, gpu.stream));
-        cudaCheck(cudaStreamSynchronize(gpu.stream));
-        return sum / (float)scored_;
     }
 };
 
@@ -4220,25 +4292,6 @@ struct GenerationOptions {
     bool stop_at_eos = true;    // a row stops at <|endoftext|>; the run ends early once every row has stopped
     bool keep_logits = false;   // tests: keep the logits every generated id was chosen from, as fp32 (kept_logits())
     bool cuda_graph = true;     // replay the captured decode step (false: launch every kernel each step, for tests)
-};
-
-// Page-locked host memory, so device-to-host copies of the generated ids are truly asynchronous.
-template <typename T>
-class PinnedBuffer {
-public:
-    PinnedBuffer() = default;
-    explicit PinnedBuffer(size_t count) : count_(count) {
-        if (count > 0) cudaCheck(cudaHostAlloc((void**)&data_, count * sizeof(T), cudaHostAllocDefault));
-    }
-    PinnedBuffer(const PinnedBuffer&) = delete;
-    PinnedBuffer& operator=(const PinnedBuffer&) = delete;
-    ~PinnedBuffer() { if (data_) cudaFreeHost(data_); }
-    T* data() const { return data_; }
-    size_t size() const { return count_; }
-
-private:
-    T* data_ = nullptr;
-    size_t count_ = 0;
 };
 
 // A stream of its own: graph capture needs one (the legacy default stream cannot be captured).

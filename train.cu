@@ -125,7 +125,8 @@ static void bench(const ModelConfig& config, int micro_batch, int steps) {
         model.zero_grad();
         model.forward(plan, 1.0f);
         model.backward();
-        return model.update(1e-4f);
+        model.update(AdamWSettings{1e-4f});
+        return model.finish();
     };
     for (int i = 0; i < 3; i++) step();
     cudaEvent_t start, stop;
@@ -324,9 +325,8 @@ static void print_plan(const RunSettings& run, const GpuModel& model) {
 // Mean loss over the first val_batches micro-batches of the validation data, no gradients.
 static double validate(GpuModel& model, TrainingData& data, const RunSettings& run) {
     data.rewind();
-    double sum = 0.0;
-    for (long i = 0; i < run.val_batches; i++) sum += model.forward(data.next(run.micro_batch), 0.0f);
-    return run.val_batches > 0 ? sum / run.val_batches : NAN;
+    for (long i = 0; i < run.val_batches; i++) model.forward(data.next(run.micro_batch), 0.0f);
+    return run.val_batches > 0 ? model.finish().loss : NAN;
 }
 
 static int train(const RunSettings& run) {
@@ -389,13 +389,16 @@ static int train(const RunSettings& run) {
         const float lr = learning_rate((int)step, run.adamw.lr, (int)run.warmup, (int)run.steps);
         cudaCheck(cudaEventRecord(start, model.gpu.stream));
         model.zero_grad();
-        double loss = 0.0;
         for (int micro = 0; micro < run.accumulation; micro++) {
-            loss += model.forward(train_data.next(run.micro_batch), grad_scale) / run.accumulation;
+            model.forward(train_data.next(run.micro_batch), grad_scale);
             model.backward();
         }
-        const float norm = model.grad_norm();
-        if (!std::isfinite(loss) || !std::isfinite(norm)) {
+        model.update(AdamWSettings{lr, run.adamw.weight_decay, run.adamw.clip});   // skipped on the GPU if not finite
+        cudaCheck(cudaEventRecord(stop, model.gpu.stream));
+        const GpuModel::Finished result = model.finish();
+        const double loss = result.loss;
+        const float norm = result.norm;
+        if (!result.updated) {
             std::string last = latest_checkpoint(run.out);
             std::fprintf(stderr, "\ntrain: stopping at step %ld: the %s is not finite (loss %g, gradient norm %g); the weights "
                                  "were not updated. Last good checkpoint: %s\n", step, std::isfinite(loss) ? "gradient norm" : "loss",
@@ -403,9 +406,6 @@ static int train(const RunSettings& run) {
             std::fclose(log);
             return 1;
         }
-        model.adamw_step(norm, AdamWSettings{lr, run.adamw.weight_decay, run.adamw.clip});
-        cudaCheck(cudaEventRecord(stop, model.gpu.stream));
-        cudaCheck(cudaEventSynchronize(stop));
         float ms = 0.0f;
         cudaCheck(cudaEventElapsedTime(&ms, start, stop));
         total_ms += ms;

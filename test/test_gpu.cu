@@ -510,16 +510,18 @@ GPU_TEST_CASE("gpu: embedding gather and deterministic bucketed backward") {
         ids[q] = rng() % 7 == 0 ? 3 : rng() % V;   // one id used very often
         rows[q] = q;
     }
-    DeviceInt ids_device;
-    ids_device.fill(ids);
+    BatchPlan plan;   // the gather's ids and the backward's buckets, as the model sends them (DevicePlan)
+    plan.input_ids = ids;
+    plan.input_buckets = make_buckets(ids, rows);
+    DevicePlan device_plan;
+    device_plan.upload(plan, 0);
     auto out = poisoned<floatX>(N * C);
-    gather_rows(out.data(), table.device.data(), ids_device.data(), N, C, 0);
+    gather_rows(out.data(), table.device.data(), device_plan.input_ids, N, C, 0);
     std::vector<float> out_ref(N * C);
     ref::embedding_forward(out_ref.data(), ids.data(), table.host.data(), N, C);
     CHECK_CLOSE(download(out.data(), N * C), out_ref, N * C, 1e-7);   // a copy: exact
 
-    DeviceBuckets buckets;
-    buckets.fill(make_buckets(ids, rows));
+    const DeviceBuckets& buckets = device_plan.input_buckets;
     embedding_backward(dtable.device.data(), dout.device.data(), buckets, C, 0);
     std::vector<float> first = download(dtable.device.data(), V * C);
     std::vector<float> dtable_ref = dtable.host;
@@ -581,8 +583,9 @@ static void check_model_against_reference(const char* config_name, const Batch& 
         CAPTURE(step);
         cudaCheck(cudaMemset(model.grads.data(), 0xFF, model.grads.size() * sizeof(floatX)));   // zero_grad must overwrite
         model.zero_grad();
-        float loss = model.forward(plan, 1.0f);
+        model.forward(plan, 1.0f);
         model.backward();
+        const float loss = model.finish().loss;
         reference.zero_grad();
         double loss_ref = reference.forward(batch);
         reference.backward();
@@ -603,7 +606,8 @@ static void check_model_against_reference(const char* config_name, const Batch& 
             MESSAGE(std::string(config_name) << " GPU vs CPU reference (" << std::string(kPrecisionName)
                                              << "): worst gradient error " << worst);
         }
-        float norm = model.update(1e-3f);
+        model.update(AdamWSettings{1e-3f});
+        const float norm = model.finish().norm;
         double norm_ref = reference_adamw.step(reference.params, reference.grads, reference.table, 1e-3f);
         CHECK(std::fabs(norm - norm_ref) / norm_ref < kKernelTolerance);
     }
@@ -622,9 +626,12 @@ GPU_TEST_CASE("gpu: AdamW with clipping matches the reference on identical gradi
         TestTensor grads = random_tensor(model.table.num_trainable, rng, 0.0f, step == 0 ? 0.1f : 1e-4f);
         cudaCheck(cudaMemcpy(model.grads.data(), grads.device.data(), grads.host.size() * sizeof(floatX), cudaMemcpyDeviceToDevice));
         std::copy(grads.host.begin(), grads.host.end(), reference.grads.begin());
-        float norm = model.update(1e-3f);
+        model.update(AdamWSettings{1e-3f});
+        const GpuModel::Finished result = model.finish();
         double norm_ref = reference_adamw.step(reference.params, reference.grads, reference.table, 1e-3f);
-        CHECK(norm == doctest::Approx(norm_ref).epsilon(1e-5));
+        CHECK(result.updated);
+        CHECK(result.norm == doctest::Approx(norm_ref).epsilon(1e-5));
+        CHECK(model.adam_steps == step + 1);
     }
     std::vector<float> master = download(model.master.data(), model.table.num_params);
     std::vector<float> m = download(model.adam_m.data(), model.table.num_trainable);
@@ -636,6 +643,60 @@ GPU_TEST_CASE("gpu: AdamW with clipping matches the reference on identical gradi
         CHECK(relative_error(m.data() + t.offset, reference_adamw.m.data() + t.offset, t.numel) < 1e-6);
         CHECK(relative_error(v.data() + t.offset, reference_adamw.v.data() + t.offset, t.numel) < 1e-6);
     }
+}
+
+// The GPU decides whether a step is finite (train.cu reads the outcome afterwards): an infinite gradient norm, or a
+// NaN loss with finite gradients, leaves weights, moments and the step count as they were; the next finite step
+// is applied as AdamW's first.
+GPU_TEST_CASE("gpu: an update with a non-finite gradient norm or loss is skipped on the GPU") {
+    const ModelConfig config = config_by_name("tiny_vanilla");
+    Reference<float> reference(config);
+    randomize_params(reference, 14);
+    std::vector<float> weights(reference.params.begin(), reference.params.end());
+    weights[reference.table.get("embed_out.weight").offset] = NAN;   // one logit of every row: every loss is NaN
+    GpuModel model(config, 2, 16);
+    model.load_parameters(weights);
+    std::mt19937 rng(15);
+    TestTensor finite = random_tensor(model.table.num_trainable, rng, 0.0f, 1e-3f);
+    auto state = [&] {
+        std::vector<float> all = download(model.master.data(), model.table.num_params);
+        for (const DeviceBuffer<float>* moments : {&model.adam_m, &model.adam_v}) {
+            std::vector<float> values = download(moments->data(), model.table.num_trainable);
+            all.insert(all.end(), values.begin(), values.end());
+        }
+        return all;
+    };
+    const std::vector<float> before = state();
+    const Batch batch = vanilla_test_batch(16);
+    const BatchPlan plan = plan_batch(config, batch.B, batch.T, batch.ids, batch.mask);
+
+    std::vector<floatX> infinite_grads(model.table.num_trainable, host_floatX(1e-3f));
+    infinite_grads[7] = host_floatX(INFINITY);
+    model.grads.upload(infinite_grads.data(), infinite_grads.size());
+    model.update(AdamWSettings{1e-3f});
+    GpuModel::Finished result = model.finish();
+    CHECK(!result.updated);
+    CHECK(std::isinf(result.norm));
+
+    model.zero_grad();
+    model.forward(plan, 1.0f);
+    model.backward();
+    cudaCheck(cudaMemcpy(model.grads.data(), finite.device.data(), finite.host.size() * sizeof(floatX), cudaMemcpyDeviceToDevice));
+    model.update(AdamWSettings{1e-3f});
+    result = model.finish();
+    CHECK(!result.updated);
+    CHECK(std::isnan(result.loss));
+    CHECK(std::isfinite(result.norm));
+    CHECK(model.adam_steps == 0);
+    const std::vector<float> after = state();
+    CHECK(std::memcmp(after.data(), before.data(), before.size() * sizeof(float)) == 0);
+
+    model.update(AdamWSettings{1e-3f});   // the same finite gradients, no forward since the last finish: applied
+    result = model.finish();
+    CHECK(result.updated);
+    CHECK(model.adam_steps == 1);
+    const std::vector<float> m = download(model.adam_m.data(), model.table.num_trainable);
+    CHECK(m[0] == doctest::Approx((1.0f - kAdamBeta1) * finite.host[0]).epsilon(1e-5));   // the first step's moment
 }
 
 GPU_TEST_CASE("gpu: tiny_block model (loss, logits, every gradient, AdamW) matches the CPU reference") {
@@ -661,8 +722,9 @@ static void check_model_against_fixture(const char* config_name) {
     BatchPlan plan = plan_batch(config, batch.B, batch.T, batch.ids, batch.mask);
 
     model.zero_grad();
-    float loss = model.forward(plan, 1.0f);
+    model.forward(plan, 1.0f);
     model.backward();
+    const float loss = model.finish().loss;
     CHECK(std::fabs(loss - golden.read_f32("loss")[0]) / golden.read_f32("loss")[0] < kKernelTolerance);
     std::vector<float> grads = download(model.grads.data(), model.table.num_trainable);
     double worst_grad = 0.0, worst_step = 0.0;
@@ -676,13 +738,15 @@ static void check_model_against_fixture(const char* config_name) {
     }
     const float lr = std::stof(golden.metadata().at("lr"));
     std::vector<float> step_losses = golden.read_f32("step_losses");
-    model.update(lr);
+    model.update(AdamWSettings{lr});
+    model.finish();
     for (int step = 1; step < 10; step++) {
         CAPTURE(step);
         model.zero_grad();
-        float step_loss = model.forward(plan, 1.0f);
+        model.forward(plan, 1.0f);
         model.backward();
-        model.update(lr);
+        model.update(AdamWSettings{lr});
+        const float step_loss = model.finish().loss;
         double error = std::fabs(step_loss - step_losses[step]) / step_losses[step];
         worst_step = std::max(worst_step, error);
         CHECK(error < kKernelTolerance);
@@ -733,9 +797,10 @@ GPU_TEST_CASE("gpu: a run saved and resumed gives bit-identical losses and weigh
         std::vector<float> losses;
         for (int step = first; step < last; step++) {
             model.zero_grad();
-            losses.push_back(model.forward(plans[step], 1.0f));
+            model.forward(plans[step], 1.0f);
             model.backward();
-            model.update(learning_rate(step, 1e-3f, 2, 6));
+            model.update(AdamWSettings{learning_rate(step, 1e-3f, 2, 6)});
+            losses.push_back(model.finish().loss);
         }
         return losses;
     };
