@@ -66,7 +66,13 @@ if [ "${SKIP_TRAIN:-0}" != 1 ]; then
     args="--config block_main_b4_5 --data $shard --steps 40 --warmup 5 --batch-size 64 --micro-batch 32 --val-interval 20 --checkpoint-interval 10"
     rm -rf /tmp/run_a /tmp/run_b /tmp/run_nan
     ./train $args --out /tmp/run_a > "$logs/train_a.log" 2>&1; echo "uninterrupted run: exit $?"
-    timeout -s INT 6 ./train $args --out /tmp/run_b > "$logs/train_b1.log" 2>&1; echo "interrupted run: exit $? ($(ls /tmp/run_b | tr '\n' ' '))"
+    # Ctrl-C once the first checkpoint is on disk (a fixed delay is no good: 40 updates take ~2 s on an H200)
+    ./train $args --out /tmp/run_b > "$logs/train_b1.log" 2>&1 &
+    pid=$!
+    until [ -d /tmp/run_b/checkpoint-10 ] || ! kill -0 $pid 2>/dev/null; do sleep 0.02; done
+    kill -INT $pid 2>/dev/null
+    wait $pid; status=$?
+    echo "interrupted run: exit $status (expected 130) ($(ls /tmp/run_b | tr '\n' ' '))"
     ./train --resume /tmp/run_b $args > "$logs/train_b2.log" 2>&1; echo "resumed run: exit $?"
     # a diverging run (absurd learning rate) must stop with a message before applying a non-finite update
     ./train ${args/--steps 40/--steps 6} --lr 1e30 --checkpoint-interval 2 --out /tmp/run_nan > "$logs/train_nan.log" 2>&1
