@@ -80,58 +80,51 @@ inline void cublas_check(cublasStatus_t status, const char* call, const char* fi
 #define cudaCheckLaunch() cuda_check(cudaGetLastError(), "kernel launch", __FILE__, __LINE__)
 
 // ----------------------------------------------------------------------------------------------------------------
-// A typed device allocation that frees itself. Move-only.
-template <typename T>
-class DeviceBuffer {
+// Typed allocations that free themselves, move-only: DeviceBuffer in GPU memory, PinnedBuffer in page-locked host
+// memory (copies between it and the device are truly asynchronous: the host does not wait).
+template <typename T, bool kPinnedHost>
+class CudaBuffer {
 public:
-    DeviceBuffer() = default;
-    explicit DeviceBuffer(size_t count) : count_(count) {
-        if (count > 0) cudaCheck(cudaMalloc(&data_, count * sizeof(T)));
+    CudaBuffer() = default;
+    explicit CudaBuffer(size_t count) : count_(count) {
+        if (count == 0) return;
+        if constexpr (kPinnedHost) cudaCheck(cudaHostAlloc((void**)&data_, count * sizeof(T), cudaHostAllocDefault));
+        else cudaCheck(cudaMalloc(&data_, count * sizeof(T)));
     }
-    DeviceBuffer(DeviceBuffer&& other) noexcept : data_(other.data_), count_(other.count_) { other.data_ = nullptr; other.count_ = 0; }
-    DeviceBuffer& operator=(DeviceBuffer&& other) noexcept {
+    CudaBuffer(CudaBuffer&& other) noexcept : data_(other.data_), count_(other.count_) { other.data_ = nullptr; other.count_ = 0; }
+    CudaBuffer& operator=(CudaBuffer&& other) noexcept {
         std::swap(data_, other.data_);
         std::swap(count_, other.count_);
         return *this;
     }
-    DeviceBuffer(const DeviceBuffer&) = delete;
-    DeviceBuffer& operator=(const DeviceBuffer&) = delete;
-    ~DeviceBuffer() { if (data_) cudaFree(data_); }
+    CudaBuffer(const CudaBuffer&) = delete;
+    CudaBuffer& operator=(const CudaBuffer&) = delete;
+    ~CudaBuffer() {
+        if (!data_) return;
+        if constexpr (kPinnedHost) cudaFreeHost(data_);
+        else cudaFree(data_);
+    }
 
     T* data() const { return data_; }
     size_t size() const { return count_; }
-    void upload(const T* host, size_t count) { cudaCheck(cudaMemcpy(data_, host, count * sizeof(T), cudaMemcpyHostToDevice)); }
-    void download(T* host, size_t count) const { cudaCheck(cudaMemcpy(host, data_, count * sizeof(T), cudaMemcpyDeviceToHost)); }
+    // Device buffers: synchronous copies from and to the host.
+    void upload(const T* host, size_t count) {
+        static_assert(!kPinnedHost, "upload is for device buffers");
+        cudaCheck(cudaMemcpy(data_, host, count * sizeof(T), cudaMemcpyHostToDevice));
+    }
+    void download(T* host, size_t count) const {
+        static_assert(!kPinnedHost, "download is for device buffers");
+        cudaCheck(cudaMemcpy(host, data_, count * sizeof(T), cudaMemcpyDeviceToHost));
+    }
 
 private:
     T* data_ = nullptr;
     size_t count_ = 0;
 };
-
-// Page-locked host memory: copies between it and the device are truly asynchronous (the host does not wait).
-// Move-only.
 template <typename T>
-class PinnedBuffer {
-public:
-    PinnedBuffer() = default;
-    explicit PinnedBuffer(size_t count) : count_(count) {
-        if (count > 0) cudaCheck(cudaHostAlloc((void**)&data_, count * sizeof(T), cudaHostAllocDefault));
-    }
-    PinnedBuffer& operator=(PinnedBuffer&& other) noexcept {
-        std::swap(data_, other.data_);
-        std::swap(count_, other.count_);
-        return *this;
-    }
-    PinnedBuffer(const PinnedBuffer&) = delete;
-    PinnedBuffer& operator=(const PinnedBuffer&) = delete;
-    ~PinnedBuffer() { if (data_) cudaFreeHost(data_); }
-    T* data() const { return data_; }
-    size_t size() const { return count_; }
-
-private:
-    T* data_ = nullptr;
-    size_t count_ = 0;
-};
+using DeviceBuffer = CudaBuffer<T, false>;
+template <typename T>
+using PinnedBuffer = CudaBuffer<T, true>;
 
 // ----------------------------------------------------------------------------------------------------------------
 // Small helpers for kernels.
