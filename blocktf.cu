@@ -1858,6 +1858,21 @@ struct BackwardParams {
     float scale, scale_log2;    // HS^-0.5 and HS^-0.5 · log2(e)
 };
 
+// One head's share of the backward's inputs: its sequence, its rows of q, k, v (S x HS each, at offset in the head
+// layout) and its rows of dout (row i at dout + i * dout_stride: dout is in the merged layout, heads interleaved).
+struct BackwardHead {
+    size_t seq, offset;
+    const bf16 *q, *k, *v, *dout;
+    size_t dout_stride;
+};
+template <int HS>
+__device__ __forceinline__ BackwardHead backward_head(const BackwardParams& p, int head) {
+    const size_t seq = head / p.NH;
+    const int h = head % p.NH, S = p.S;
+    const size_t offset = (size_t)head * S * HS;
+    return {seq, offset, p.q + offset, p.k + offset, p.v + offset, p.dout + (seq * S * p.NH + h) * HS, (size_t)p.NH * HS};
+}
+
 // δ_i = Σ_d dO_id · out_id over the merged layout (nseq, S, NH*HS): HS/8 threads per row (seq, i, h), each 8
 // elements (one 16-byte vector of each), reduced by xor-shuffles within the group (fixed order: deterministic).
 // Writes delta[(seq * NH + h) * S + i]. rows = nseq * S * NH.
@@ -1894,18 +1909,12 @@ __device__ __forceinline__ void backward_dkdv_block(const BackwardParams& p, int
     constexpr int BQ = C::kTile, kLd = C::kLd;
     static_assert(C::kBlock == 64, "the block's key visibility is one 64-bit word");
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
-    const size_t seq = head / p.NH;
-    const int h = head % p.NH, S = p.S;
+    const int S = p.S;
+    const BackwardHead in = backward_head<HS>(p, head);
     const int k0 = tile * C::kBlock, w0 = k0 + 16 * warp;
-    const size_t head_offset = (size_t)head * S * HS;
-    const bf16* q = p.q + head_offset;
-    const bf16* k = p.k + head_offset;
-    const bf16* v = p.v + head_offset;
-    const bf16* dout = p.dout + (seq * S * p.NH + h) * HS;   // row i at + i * NH*HS
-    const size_t dout_stride = (size_t)p.NH * HS;
+    const int* mask = p.key_mask ? p.key_mask + in.seq * S : nullptr;
     const float* lse = p.lse + (size_t)head * S;
     const float* delta = p.delta + (size_t)head * S;
-    const int* mask = p.key_mask ? p.key_mask + seq * S : nullptr;
     const uint64_t block_bits = key_bits<64>(mask, k0, S);
     const uint32_t warp_bits = (uint32_t)(block_bits >> (16 * warp)) & 0xffffu;   // the warp's 16 keys
 
@@ -1926,12 +1935,12 @@ __device__ __forceinline__ void backward_dkdv_block(const BackwardParams& p, int
         const int q_begin = k0 / BQ * BQ;                      // earlier queries see none of the block's keys
         const int n_tiles = (S - q_begin + BQ - 1) / BQ;       // >= 1: k0 < S
         auto load_query_tile = [&](int stage, int i0) {
-            load_tile<HS, BQ>(s_q(stage), q, HS, i0, [&](int r) { return i0 + r < S; });
-            load_tile<HS, BQ>(s_do(stage), dout, dout_stride, i0, [&](int r) { return i0 + r < S; });
+            load_tile<HS, BQ>(s_q(stage), in.q, HS, i0, [&](int r) { return i0 + r < S; });
+            load_tile<HS, BQ>(s_do(stage), in.dout, in.dout_stride, i0, [&](int r) { return i0 + r < S; });
             load_row_stats(s_lse(stage), s_lse(stage) + 4 * BQ, lse, delta, i0, BQ, S);
         };
-        load_tile<HS, C::kBlock>(s_k, k, HS, k0, [&](int r) { return (block_bits >> r) & 1; });
-        load_tile<HS, C::kBlock>(s_v, v, HS, k0, [&](int r) { return (block_bits >> r) & 1; });
+        load_tile<HS, C::kBlock>(s_k, in.k, HS, k0, [&](int r) { return (block_bits >> r) & 1; });
+        load_tile<HS, C::kBlock>(s_v, in.v, HS, k0, [&](int r) { return (block_bits >> r) & 1; });
         load_query_tile(0, q_begin);
         cp_async_commit();
 
@@ -2002,8 +2011,8 @@ __device__ __forceinline__ void backward_dkdv_block(const BackwardParams& p, int
         const int r = g + 8 * hh, j = w0 + r;
         if (j < S) {
             const bool visible = (warp_bits >> r) & 1;
-            store_row<HS>(p.dk + head_offset + (size_t)j * HS, dk[0], hh, p.scale, visible);
-            store_row<HS>(p.dv + head_offset + (size_t)j * HS, dv[0], hh, 1.0f, visible);
+            store_row<HS>(p.dk + in.offset + (size_t)j * HS, dk[0], hh, p.scale, visible);
+            store_row<HS>(p.dv + in.offset + (size_t)j * HS, dv[0], hh, 1.0f, visible);
         }
     }
 }
@@ -2015,15 +2024,10 @@ __device__ __forceinline__ void backward_dq_block(const BackwardParams& p, int h
     using T = Tile<HS>;
     constexpr int BK = C::kTile, kLd = C::kLd;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4;
-    const size_t seq = head / p.NH;
-    const int h = head % p.NH, S = p.S;
+    const int S = p.S;
+    const BackwardHead in = backward_head<HS>(p, head);
     const int q0 = tile * C::kBlock, w0 = q0 + 16 * warp;
-    const size_t head_offset = (size_t)head * S * HS;
-    const bf16* q = p.q + head_offset;
-    const bf16* k = p.k + head_offset;
-    const bf16* v = p.v + head_offset;
-    const bf16* dout = p.dout + (seq * S * p.NH + h) * HS;
-    const int* mask = p.key_mask ? p.key_mask + seq * S : nullptr;
+    const int* mask = p.key_mask ? p.key_mask + in.seq * S : nullptr;
     const int key_end = imin(q0 + C::kBlock, S);               // keys past the block's last query: invisible
     const int n_tiles = (key_end + BK - 1) / BK;
 
@@ -2032,11 +2036,11 @@ __device__ __forceinline__ void backward_dq_block(const BackwardParams& p, int h
     auto s_k = [&](int stage) { return smem + C::kDqStage0 + stage * C::kDqStageBytes; };
     auto s_v = [&](int stage) { return s_k(stage) + T::bytes(BK); };
 
-    load_tile<HS, C::kBlock>(s_q, q, HS, q0, [&](int r) { return q0 + r < S; });
-    load_tile<HS, C::kBlock>(s_do, dout, (size_t)p.NH * HS, q0, [&](int r) { return q0 + r < S; });
+    load_tile<HS, C::kBlock>(s_q, in.q, HS, q0, [&](int r) { return q0 + r < S; });
+    load_tile<HS, C::kBlock>(s_do, in.dout, in.dout_stride, q0, [&](int r) { return q0 + r < S; });
     uint64_t bits_next = key_bits<BK>(mask, 0, S);
-    load_tile<HS, BK>(s_k(0), k, HS, 0, [&](int r) { return (bits_next >> r) & 1; });
-    load_tile<HS, BK>(s_v(0), v, HS, 0, [&](int r) { return (bits_next >> r) & 1; });
+    load_tile<HS, BK>(s_k(0), in.k, HS, 0, [&](int r) { return (bits_next >> r) & 1; });
+    load_tile<HS, BK>(s_v(0), in.v, HS, 0, [&](int r) { return (bits_next >> r) & 1; });
     cp_async_commit();
 
     // Row statistics of this thread's rows w0 + g + 8hh, in the log2 domain.
@@ -2056,8 +2060,8 @@ __device__ __forceinline__ void backward_dq_block(const BackwardParams& p, int h
         const uint64_t bits = bits_next;
         if (kt + 1 < n_tiles) {
             bits_next = key_bits<BK>(mask, j0 + BK, S);
-            load_tile<HS, BK>(s_k(1 - stage), k, HS, j0 + BK, [&](int r) { return (bits_next >> r) & 1; });
-            load_tile<HS, BK>(s_v(1 - stage), v, HS, j0 + BK, [&](int r) { return (bits_next >> r) & 1; });
+            load_tile<HS, BK>(s_k(1 - stage), in.k, HS, j0 + BK, [&](int r) { return (bits_next >> r) & 1; });
+            load_tile<HS, BK>(s_v(1 - stage), in.v, HS, j0 + BK, [&](int r) { return (bits_next >> r) & 1; });
         }
         cp_async_commit();
         cp_async_wait<1>();
@@ -2096,7 +2100,7 @@ __device__ __forceinline__ void backward_dq_block(const BackwardParams& p, int h
 #pragma unroll
     for (int hh = 0; hh < 2; hh++) {
         const int i = w0 + g + 8 * hh;
-        if (i < S) store_row<HS>(p.dq + head_offset + (size_t)i * HS, dq[0], hh, p.scale, true);
+        if (i < S) store_row<HS>(p.dq + in.offset + (size_t)i * HS, dq[0], hh, p.scale, true);
     }
 }
 
