@@ -1244,6 +1244,19 @@ small_attention_backward_kernel(floatX* dq, floatX* dk, floatX* dv, const floatX
     }
 }
 
+// The head sizes the attention kernels are built for: with_head_size calls launch(std::integral_constant<int, HS>)
+// for HS among kMin..128 (powers of two from 16; the flash kernels start at 32) and throws naming who for any other.
+template <int kMin = 16, typename Launch>
+inline void with_head_size(const char* who, int HS, Launch launch) {
+    if constexpr (kMin <= 16)
+        if (HS == 16) return launch(std::integral_constant<int, 16>{});
+    if (HS == 32) return launch(std::integral_constant<int, 32>{});
+    if (HS == 64) return launch(std::integral_constant<int, 64>{});
+    if (HS == 128) return launch(std::integral_constant<int, 128>{});
+    throw std::runtime_error(std::string(who) + ": head size " + std::to_string(HS) + " is not one of " +
+                             (kMin <= 16 ? "16, " : "") + "32, 64 and 128");
+}
+
 inline void check_small_attention_shape(const char* who, int nseq, int S, int NH) {
     if (S < 1 || S > kSmallMaxS)
         throw std::runtime_error(std::string(who) + ": sequence length " + std::to_string(S) + " outside 1.." +
@@ -1292,13 +1305,9 @@ inline void small_attention_forward(floatX* out, const floatX* q, const floatX* 
                                     int nseq, int S, int NH, int HS, cudaStream_t stream) {
     check_small_attention_shape("small_attention_forward", nseq, S, NH);
     if ((size_t)nseq * NH == 0) return;
-    switch (HS) {
-        case 16: small_attention_forward_launch<16>(out, q, k, v, key_mask, nseq, S, NH, stream); break;
-        case 32: small_attention_forward_launch<32>(out, q, k, v, key_mask, nseq, S, NH, stream); break;
-        case 64: small_attention_forward_launch<64>(out, q, k, v, key_mask, nseq, S, NH, stream); break;
-        case 128: small_attention_forward_launch<128>(out, q, k, v, key_mask, nseq, S, NH, stream); break;
-        default: throw std::runtime_error("small_attention_forward: head size " + std::to_string(HS) + " not in {16, 32, 64, 128}");
-    }
+    with_head_size("small_attention_forward", HS, [&](auto hs) {
+        small_attention_forward_launch<decltype(hs)::value>(out, q, k, v, key_mask, nseq, S, NH, stream);
+    });
 }
 
 // dout: (nseq, S, NH*HS) -> dq, dk, dv: (nseq, NH, S, HS), written. Recomputes the probabilities.
@@ -1307,13 +1316,9 @@ inline void small_attention_backward(floatX* dq, floatX* dk, floatX* dv, const f
                                      cudaStream_t stream) {
     check_small_attention_shape("small_attention_backward", nseq, S, NH);
     if ((size_t)nseq * NH == 0) return;
-    switch (HS) {
-        case 16: small_attention_backward_launch<16>(dq, dk, dv, dout, q, k, v, key_mask, nseq, S, NH, stream); break;
-        case 32: small_attention_backward_launch<32>(dq, dk, dv, dout, q, k, v, key_mask, nseq, S, NH, stream); break;
-        case 64: small_attention_backward_launch<64>(dq, dk, dv, dout, q, k, v, key_mask, nseq, S, NH, stream); break;
-        case 128: small_attention_backward_launch<128>(dq, dk, dv, dout, q, k, v, key_mask, nseq, S, NH, stream); break;
-        default: throw std::runtime_error("small_attention_backward: head size " + std::to_string(HS) + " not in {16, 32, 64, 128}");
-    }
+    with_head_size("small_attention_backward", HS, [&](auto hs) {
+        small_attention_backward_launch<decltype(hs)::value>(dq, dk, dv, dout, q, k, v, key_mask, nseq, S, NH, stream);
+    });
 }
 
 // ----------------------------------------------------------------------------------------------------------------
@@ -2275,12 +2280,9 @@ inline void flash_attention_forward(floatX* out, float* lse, const floatX* q, co
     if (nseq == 0) return;
     bf16* o = as_bf16(out);
     const bf16 *qb = as_bf16(q), *kb = as_bf16(k), *vb = as_bf16(v);
-    switch (HS) {
-        case 32: launch_forward<32>(training_forward_params<32>(o, lse, qb, kb, vb, key_mask, S, NH), nseq, stream); break;
-        case 64: launch_forward<64>(training_forward_params<64>(o, lse, qb, kb, vb, key_mask, S, NH), nseq, stream); break;
-        case 128: launch_forward<128>(training_forward_params<128>(o, lse, qb, kb, vb, key_mask, S, NH), nseq, stream); break;
-        default: break;   // rejected above
-    }
+    with_head_size<32>("flash_attention_forward", HS, [&](auto hs) {
+        launch_forward<decltype(hs)::value>(training_forward_params<decltype(hs)::value>(o, lse, qb, kb, vb, key_mask, S, NH), nseq, stream);
+    });
 }
 
 // dout: (nseq, S, NH*HS); out, lse: what flash_attention_forward wrote for these q, k, v -> dq, dk, dv:
@@ -2294,12 +2296,10 @@ inline void flash_attention_backward(floatX* dq, floatX* dk, floatX* dv, const f
     if (nseq == 0) return;
     bf16 *dqb = as_bf16(dq), *dkb = as_bf16(dk), *dvb = as_bf16(dv);
     const bf16 *dob = as_bf16(dout), *ob = as_bf16(out), *qb = as_bf16(q), *kb = as_bf16(k), *vb = as_bf16(v);
-    switch (HS) {
-        case 32: launch_backward<32>(backward_params<32>(dqb, dkb, dvb, dob, qb, kb, vb, lse, delta, key_mask, S, NH), ob, delta, nseq, stream); break;
-        case 64: launch_backward<64>(backward_params<64>(dqb, dkb, dvb, dob, qb, kb, vb, lse, delta, key_mask, S, NH), ob, delta, nseq, stream); break;
-        case 128: launch_backward<128>(backward_params<128>(dqb, dkb, dvb, dob, qb, kb, vb, lse, delta, key_mask, S, NH), ob, delta, nseq, stream); break;
-        default: break;
-    }
+    with_head_size<32>("flash_attention_backward", HS, [&](auto hs) {
+        launch_backward<decltype(hs)::value>(backward_params<decltype(hs)::value>(dqb, dkb, dvb, dob, qb, kb, vb, lse, delta, key_mask, S, NH), ob, delta,
+                                  nseq, stream);
+    });
 }
 
 // Generation's prefill: new queries q (nseq, S_new, NH*HS) (heads merged, rotated) at cache positions p0 .. p0 +
@@ -2316,12 +2316,9 @@ inline void flash_attention_cached_prefill(floatX* out, const floatX* q, const f
     if (nseq == 0) return;
     bf16* o = as_bf16(out);
     const bf16 *qb = as_bf16(q), *kb = as_bf16(k_cache), *vb = as_bf16(v_cache);
-    switch (HS) {
-        case 32: launch_forward<32>(cached_prefill_params<32>(o, qb, kb, vb, key_mask, p0, S_new, NH, capacity), nseq, stream); break;
-        case 64: launch_forward<64>(cached_prefill_params<64>(o, qb, kb, vb, key_mask, p0, S_new, NH, capacity), nseq, stream); break;
-        case 128: launch_forward<128>(cached_prefill_params<128>(o, qb, kb, vb, key_mask, p0, S_new, NH, capacity), nseq, stream); break;
-        default: break;
-    }
+    with_head_size<32>("flash_attention_cached_prefill", HS, [&](auto hs) {
+        launch_forward<decltype(hs)::value>(cached_prefill_params<decltype(hs)::value>(o, qb, kb, vb, key_mask, p0, S_new, NH, capacity), nseq, stream);
+    });
 }
 
 // ================================================================================================================
@@ -3763,13 +3760,10 @@ inline void attention_cached(floatX* out, const floatX* q, const floatX* k_cache
     const size_t rows = (size_t)nseq * S_new * NH;
     if (rows == 0) return;
     const int warps = warps_per_row > 0 ? warps_per_row : attention_cached_warps_per_row(rows, capacity);
-    switch (HS) {
-        case 16: attention_cached_for_head_size<16>(out, q, k_cache, v_cache, key_mask, dyn_pos, pos_offset, rows, S_new, NH, capacity, warps, stream); break;
-        case 32: attention_cached_for_head_size<32>(out, q, k_cache, v_cache, key_mask, dyn_pos, pos_offset, rows, S_new, NH, capacity, warps, stream); break;
-        case 64: attention_cached_for_head_size<64>(out, q, k_cache, v_cache, key_mask, dyn_pos, pos_offset, rows, S_new, NH, capacity, warps, stream); break;
-        case 128: attention_cached_for_head_size<128>(out, q, k_cache, v_cache, key_mask, dyn_pos, pos_offset, rows, S_new, NH, capacity, warps, stream); break;
-        default: throw std::runtime_error("cached attention supports head sizes 16, 32, 64 and 128, not " + std::to_string(HS));
-    }
+    with_head_size("cached attention", HS, [&](auto hs) {
+        attention_cached_for_head_size<decltype(hs)::value>(out, q, k_cache, v_cache, key_mask, dyn_pos, pos_offset, rows, S_new, NH, capacity,
+                                                 warps, stream);
+    });
 }
 
 // Attention of S_new new queries over a cache, by the fastest path that serves it: a prefill of more than kSmallMaxS
@@ -3912,14 +3906,9 @@ inline void rope_append_attend(floatX* out, floatX* k_cache, floatX* v_cache, co
         kernel<<<blocks, kThreads, 0, stream>>>(out, k_cache, v_cache, qkv, cos_table, sin_table, pos_shift, key_mask, dyn_pos,
                                                 pos_offset, heads, NH, rot, capacity, scale);
     };
-    auto launch_for_head_size = [&](auto one_new, auto two_new) { S_new == 1 ? launch(one_new) : launch(two_new); };
-    switch (HS) {
-        case 16: launch_for_head_size(rope_append_attend_kernel<16, 1>, rope_append_attend_kernel<16, 2>); break;
-        case 32: launch_for_head_size(rope_append_attend_kernel<32, 1>, rope_append_attend_kernel<32, 2>); break;
-        case 64: launch_for_head_size(rope_append_attend_kernel<64, 1>, rope_append_attend_kernel<64, 2>); break;
-        case 128: launch_for_head_size(rope_append_attend_kernel<128, 1>, rope_append_attend_kernel<128, 2>); break;
-        default: throw std::runtime_error("cached attention supports head sizes 16, 32, 64 and 128, not " + std::to_string(HS));
-    }
+    with_head_size("cached attention", HS, [&](auto hs) {
+        S_new == 1 ? launch(rope_append_attend_kernel<decltype(hs)::value, 1>) : launch(rope_append_attend_kernel<decltype(hs)::value, 2>);
+    });
     cudaCheckLaunch();
 }
 
