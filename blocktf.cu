@@ -1323,7 +1323,9 @@ inline void small_attention_backward(floatX* dq, floatX* dk, floatX* dv, const f
 
 // ----------------------------------------------------------------------------------------------------------------
 // Flash attention (FlashAttention-2, Dao 2023) on mma.sync tensor cores, for the BF16 build: the stacks' attention
-// when S > 16 (the block decoder's 511 blocks, the vanilla model's 2048 tokens), and generation's prefill. Nothing
+// when S > 16 (the block decoder's 511 blocks, the vanilla model's 2048 tokens), and generation's prefill. At head
+// size 64 (every model of issue 8) the sm_90a build runs the same algorithm on Hopper's wgmma instead (after the
+// mma.sync kernels below: forward_block_wgmma, backward_dkdv_block_wgmma, backward_dq_block_wgmma). Nothing
 // (S, S)-sized is ever stored: the forward keeps each row's log-sum-exp (lse) for the backward, which recomputes the
 // probabilities. Checked against the CPU reference in test/test_gpu.cu and against a double-precision reference
 // (plus determinism and sanitizers) by dev/attention/test_attention.cu, which also times it.
@@ -1413,7 +1415,8 @@ inline void small_attention_backward(floatX* dq, floatX* dk, floatX* dv, const f
 //
 // Measured on the H200 (dev/attention/run.sh; nseq 8, NH 12, S 2048, HS 64, FLOPs counted causal): forward 216
 // TFLOP/s, backward 182 TFLOP/s counted as 2.5x the forward's FLOPs, 6.2x and 5.5x the matmul path; the prefill
-// 34-41x attention_cached (dev/NOTES.md).
+// 34-41x attention_cached (dev/NOTES.md). The wgmma kernels at that shape: forward 0.193 ms (268 TFLOP/s), backward
+// 0.468 ms (276 TFLOP/s counted), against 0.237 and 0.710 ms here.
 
 namespace flash {
 
@@ -1694,13 +1697,70 @@ struct ForwardParams {
     float scale_log2;           // HS^-0.5 · log2(e)
 };
 
+// Online softmax of one 16-row group (the flash section's header) for its (16 x BN) score tile s (C fragments, masked
+// entries -inf): for each of this thread's two rows hh (g, g + 8) the running max m (log2 domain) and this thread's
+// part of the running sum l are updated, s becomes the probabilities 2^(s·scale_log2 - m), and the (16 x HS) output
+// accumulator o is rescaled by 2^(m_old - m_new).
+template <int BN, int HS>
+__device__ __forceinline__ void online_softmax(float (&s)[BN / 8][4], float (&o)[HS / 8][4], float (&m)[2], float (&l)[2],
+                                               float scale_log2) {
+#pragma unroll
+    for (int hh = 0; hh < 2; hh++) {
+        float tile_max = -INFINITY;
+#pragma unroll
+        for (int n = 0; n < BN / 8; n++) tile_max = fmaxf(tile_max, fmaxf(s[n][2 * hh], s[n][2 * hh + 1]));
+        tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
+        tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 2));
+        const float m_new = fmaxf(m[hh], tile_max * scale_log2);
+        const float m_use = m_new == -INFINITY ? 0.0f : m_new;   // row has seen no visible key yet
+        const float alpha = exp2_approx(m[hh] - m_use);          // 0 while m was -inf
+        m[hh] = m_new;
+        float sum = 0.0f;
+#pragma unroll
+        for (int n = 0; n < BN / 8; n++)
+#pragma unroll
+            for (int e = 2 * hh; e < 2 * hh + 2; e++) {
+                const float prob = exp2_approx(fmaf(s[n][e], scale_log2, -m_use));
+                s[n][e] = prob;
+                sum += prob;
+            }
+        l[hh] = l[hh] * alpha + sum;
+#pragma unroll
+        for (int n = 0; n < HS / 8; n++) {
+            o[n][2 * hh] *= alpha;
+            o[n][2 * hh + 1] *= alpha;
+        }
+    }
+}
+
+// The end of the forward for one 16-row group whose first query is row0 (of head = seq * NH + h): out_i = o_i / l_i,
+// lse_i = ln2 (m_i + log2 l_i) for this thread's rows below n_q; a row that saw no key: out 0, lse 0.
+template <int HS>
+__device__ __forceinline__ void store_forward_rows(const ForwardParams& p, size_t seq, int h, int head, int row0,
+                                                   const float (&o)[HS / 8][4], const float (&m)[2], const float (&l)[2]) {
+    const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+#pragma unroll
+    for (int hh = 0; hh < 2; hh++) {
+        float sum = l[hh];
+        sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+        sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+        const int i = row0 + g + 8 * hh;
+        if (i < p.n_q) {
+            const bool seen = sum > 0.0f;
+            store_row<HS>(p.out + seq * p.out_seq_stride + (size_t)i * p.out_row_stride + h * HS, o, hh,
+                          seen ? 1.0f / sum : 0.0f, seen);
+            if (p.lse != nullptr && t == 0) p.lse[(size_t)head * p.n_q + i] = seen ? kLn2 * (m[hh] + log2f(sum)) : 0.0f;
+        }
+    }
+}
+
 // Block (head = seq * NH + h, query tile). The scheme: the flash section's header.
 template <int HS>
 __device__ __forceinline__ void forward_block(const ForwardParams& p, int head, int tile) {
     using C = ForwardConfig<HS>;
     using T = Tile<HS>;
     constexpr int G = C::kGroups, BN = C::kBlockN, kLd = T::kLd;
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+    const int warp = threadIdx.x / 32;
     const size_t seq = head / p.NH;
     const int h = head % p.NH;
     const int q0 = tile * C::kBlockM;
@@ -1762,36 +1822,8 @@ __device__ __forceinline__ void forward_block(const ForwardParams& p, int head, 
 #pragma unroll
                 for (int mr = 0; mr < G; mr++) mask_scores<BN>(s[mr], bits, w0 + 16 * mr + p.offset - k0);
 
-            // Online softmax, per row (mr, hh) of this thread.
 #pragma unroll
-            for (int mr = 0; mr < G; mr++)
-#pragma unroll
-                for (int hh = 0; hh < 2; hh++) {
-                    float tile_max = -INFINITY;
-#pragma unroll
-                    for (int n = 0; n < BN / 8; n++) tile_max = fmaxf(tile_max, fmaxf(s[mr][n][2 * hh], s[mr][n][2 * hh + 1]));
-                    tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
-                    tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 2));
-                    const float m_new = fmaxf(m[mr][hh], tile_max * p.scale_log2);
-                    const float m_use = m_new == -INFINITY ? 0.0f : m_new;   // row has seen no visible key yet
-                    const float alpha = exp2_approx(m[mr][hh] - m_use);      // 0 while m was -inf
-                    m[mr][hh] = m_new;
-                    float sum = 0.0f;
-#pragma unroll
-                    for (int n = 0; n < BN / 8; n++)
-#pragma unroll
-                        for (int e = 2 * hh; e < 2 * hh + 2; e++) {
-                            const float prob = exp2_approx(fmaf(s[mr][n][e], p.scale_log2, -m_use));
-                            s[mr][n][e] = prob;
-                            sum += prob;
-                        }
-                    l[mr][hh] = l[mr][hh] * alpha + sum;
-#pragma unroll
-                    for (int n = 0; n < HS / 8; n++) {
-                        o[mr][n][2 * hh] *= alpha;
-                        o[mr][n][2 * hh + 1] *= alpha;
-                    }
-                }
+            for (int mr = 0; mr < G; mr++) online_softmax<BN, HS>(s[mr], o[mr], m[mr], l[mr], p.scale_log2);
 
             // O += P V, P's A fragments straight from the score registers.
             uint32_t pf[G][BN / 16][4];
@@ -1802,24 +1834,234 @@ __device__ __forceinline__ void forward_block(const ForwardParams& p, int head, 
         __syncthreads();   // every warp is done with this stage before iteration kt + 1 refills it
     }
 
-    // out_i = o_i / l_i, lse_i = ln2 (m_i + log2 l_i); a row that saw no key: out 0, lse 0.
 #pragma unroll
-    for (int mr = 0; mr < G; mr++)
-#pragma unroll
-        for (int hh = 0; hh < 2; hh++) {
-            float sum = l[mr][hh];
-            sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-            sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-            const int i = w0 + 16 * mr + g + 8 * hh;
-            if (i < p.n_q) {
-                const bool seen = sum > 0.0f;
-                store_row<HS>(p.out + seq * p.out_seq_stride + (size_t)i * p.out_row_stride + h * HS, o[mr], hh,
-                              seen ? 1.0f / sum : 0.0f, seen);
-                if (p.lse != nullptr && t == 0)
-                    p.lse[(size_t)head * p.n_q + i] = seen ? kLn2 * (m[mr][hh] + log2f(sum)) : 0.0f;
-            }
-        }
+    for (int mr = 0; mr < G; mr++) store_forward_rows<HS>(p, seq, h, head, w0 + 16 * mr, o[mr], m[mr], l[mr]);
 }
+
+// ================================================================================================================
+// Forward on Hopper's warpgroup MMA, head size 64 (the sm_90a build: GPU_ARCH=90a defines BLOCKTF_SM90A; plain sm_90
+// has no wgmma). The algorithm of forward_block; what changes is who multiplies. A block is one warpgroup (its 4
+// warps, 128 threads) and owns 64 queries; each product is issued for all 64 at once as asynchronous
+// wgmma.mma_async instructions, instead of each warp issuing mma.sync for its own 32.
+//   - Q, K and V tiles sit in shared memory in the 128-byte swizzle layout that wgmma reads through a matrix
+//     descriptor: row r (64 bf16 = 128 bytes) at byte r * 128, its 16-byte chunk c at chunk position c ^ (r % 8),
+//     every tile 1024-byte aligned.
+//   - S = Q K^T: m64n64k16 with A = Q and B = K, both "K-major" (a row's 64 dims contiguous), 4 steps of 16 dims,
+//     the descriptors' start moving 32 bytes a step inside the swizzled rows. O += P V: m64n64k16 with A = P in
+//     registers (the score registers packed to bf16, c_to_a as in forward_block) and B = V "MN-major" (transposed: a
+//     key's row holds the 64 output columns), 4 steps of 16 keys, 2048 bytes apart.
+//   - The m64nNk16 accumulator holds, in warp w, rows 16w .. 16w + 15 in exactly mma.m16n8k16's C-fragment order
+//     repeated over N / 8 column tiles, and an A fragment in registers is mma.m16n8k16's A fragment (PTX ISA, "Register
+//     Fragments and Shared Memory Matrix Layouts" of wgmma): the mask, the online softmax and the store are
+//     forward_block's, per warp. Skips are decided per block (all 128 threads issue a wgmma, or none).
+// Ordering rules: wgmma.fence before the first wgmma that reads registers written by ordinary instructions (the P
+// fragments, the rescaled O); cp.async writes reach wgmma (the async proxy) after fence.proxy.async and the block
+// barrier; an accumulator is read only after wgmma.wait_group, and fence_registers keeps the compiler from moving
+// ordinary reads or writes of it across the asynchronous region. Register A operands are used once: held across loop
+// iterations (Q fragments, in a first version), ptxas gave their registers to other values after the first wgmma
+// that read them, and every key tile after the first got wrong scores.
+// Measured (dev/attention, vanilla_160's shape): 0.193 ms, 268 TFLOP/s, against 0.237 ms for forward_block.
+
+#ifdef BLOCKTF_SM90A
+namespace wgmma {
+
+// Descriptor of a shared-memory tile in the 128-byte swizzle layout (rows of 128 bytes, 8-row groups 1024 bytes
+// apart): start address / 16 (bits 0-13), leading-dimension offset (bits 16-29; not used by this layout, 1 by
+// convention), stride-dimension offset 1024 / 16 (bits 32-45), swizzle mode 1 = 128 bytes (bits 62-63).
+__device__ __forceinline__ uint64_t sw128_descriptor(uint32_t address) {
+    return (uint64_t)((address & 0x3FFFFu) >> 4) | (1ull << 16) | ((uint64_t)(1024 >> 4) << 32) | (1ull << 62);
+}
+
+__device__ __forceinline__ void fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wait_all() { asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory"); }
+// Makes this thread's earlier generic-proxy writes to shared memory (cp.async included) visible to wgmma's reads.
+__device__ __forceinline__ void fence_async_shared() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+
+// An empty asm that "reads and writes" each register: ordinary code cannot move across it.
+template <int N>
+__device__ __forceinline__ void fence_registers(float (&r)[N][4]) {
+#pragma unroll
+    for (int n = 0; n < N; n++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) asm volatile("" : "+f"(r[n][e])::"memory");
+}
+template <int N>
+__device__ __forceinline__ void fence_registers(uint32_t (&r)[N][4]) {
+#pragma unroll
+    for (int n = 0; n < N; n++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) asm volatile("" : "+r"(r[n][e])::"memory");
+}
+
+// The two products, m64n64k16: d (the warpgroup's 64 x 64 fp32 accumulator; this thread's part as C fragments of 8
+// column tiles) = d · accumulate + A (64 x 16 bf16) · B (16 x 64 bf16). Asynchronous: d is valid after commit() and
+// wait_all().
+// mma_rs: A is this thread's A fragment (registers), B in shared memory at descriptor b, stored MN-major (a row per k,
+// holding the 64 output columns: V in P V).
+__device__ __forceinline__ void mma_rs(float (&d)[8][4], const uint32_t (&a)[4], uint64_t b, int accumulate) {
+    asm volatile(
+        "{\n"
+        ".reg .pred accumulate;\n"
+        "setp.ne.b32 accumulate, %37, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
+        "{%32, %33, %34, %35}, %36, accumulate, 1, 1, 1;\n"
+        "}\n"
+        : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]),
+          "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]),
+          "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]),
+          "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]),
+          "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]),
+          "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]),
+          "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]),
+          "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(accumulate));
+}
+
+// mma_ss: A and B both in shared memory (descriptors a, b), both K-major (a row per output row or column, holding
+// its 16 k: Q and K in Q K^T).
+__device__ __forceinline__ void mma_ss(float (&d)[8][4], uint64_t a, uint64_t b, int accumulate) {
+    asm volatile(
+        "{\n"
+        ".reg .pred accumulate;\n"
+        "setp.ne.b32 accumulate, %34, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
+        "%32, %33, accumulate, 1, 1, 0, 0;\n"
+        "}\n"
+        : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]),
+          "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]),
+          "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]),
+          "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]),
+          "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]),
+          "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]),
+          "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]),
+          "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3])
+        : "l"(a), "l"(b), "r"(accumulate));
+}
+
+// The products of the attention kernels, on 64 x 64 tiles of bf16 in the 128-byte swizzle layout (64-row tiles, 8 KB),
+// issued without waiting (the caller brackets them: fence(), issue..., commit(), wait_all(), fence_registers).
+// acc = A B^T: A, B the tiles at shared addresses a_tile, b_tile (rows of 64 dims; 4 steps of 16 dims, 32 bytes
+// apart inside the swizzled rows).
+__device__ __forceinline__ void issue_abt(float (&acc)[8][4], uint32_t a_tile, uint32_t b_tile) {
+#pragma unroll
+    for (int kk = 0; kk < 4; kk++) mma_ss(acc, sw128_descriptor(a_tile + 32 * kk), sw128_descriptor(b_tile + 32 * kk), kk > 0);
+}
+// acc += A B: A (64 x 64) this thread's A fragments (c_to_a of a 64 x 64 result), B the tile at shared address b_tile
+// (64 rows of k; 4 steps of 16 rows, 2048 bytes apart).
+__device__ __forceinline__ void issue_ab(float (&acc)[8][4], const uint32_t (&a)[4][4], uint32_t b_tile) {
+#pragma unroll
+    for (int kk = 0; kk < 4; kk++) mma_rs(acc, a[kk], sw128_descriptor(b_tile + 2048 * kk), 1);
+}
+
+}  // namespace wgmma
+
+// Block-cooperative cp.async of rows [row0, row0 + kRows) of a matrix of 64 bf16 columns whose row j starts at src +
+// j * stride (16-byte aligned) into the 128-byte-swizzled tile at shared address dst (1024-byte aligned). Row row0 + r
+// is copied when valid(r), else zero-filled.
+template <int kRows, typename Valid>
+__device__ __forceinline__ void load_tile_sw128(uint32_t dst, const bf16* src, size_t stride, int row0, Valid valid) {
+    constexpr int kChunks = kRows * 8;
+    static_assert(kChunks % kThreads == 0, "whole rounds of chunks");
+#pragma unroll
+    for (int u = 0; u < kChunks / kThreads; u++) {
+        const int index = u * kThreads + threadIdx.x;
+        const int r = index / 8, c = index % 8;
+        const bool ok = valid(r);
+        cp_async_16(dst + r * 128 + ((c ^ (r % 8)) * 16), src + (ok ? (size_t)(row0 + r) * stride + c * 8 : 0), ok ? 16 : 0);
+    }
+}
+
+struct WgmmaForwardConfig {
+    static constexpr int kBlockM = 64;   // queries per block: one warpgroup (the block's 4 warps), 16 a warp
+    static constexpr int kBlockN = 64;   // keys per tile
+    // Blocks per SM the register allocation must allow (__launch_bounds__): 4, up to 128 registers (120 used, no
+    // spill; 0.193 ms at vanilla_160's shape against 0.197 at 3 blocks).
+    static constexpr int kMinBlocks = 4;
+    // Shared memory from a 1024-byte aligned base, every tile 128-byte swizzled (8 KB): Q, then stage s = 0, 1: K, V.
+    static constexpr uint32_t kTileBytes = 64 * 128;
+    static constexpr uint32_t kQ = 0;
+    static constexpr uint32_t kStage0 = kTileBytes;
+    static constexpr uint32_t kStageBytes = 2 * kTileBytes;
+    static constexpr uint32_t kSmemBytes = kStage0 + 2 * kStageBytes + 1024;   // + room to align the base
+};
+
+// Block (head = seq * NH + h, query tile) of the forward, wgmma version (see above; the scheme: forward_block).
+__device__ __forceinline__ void forward_block_wgmma(const ForwardParams& p, int head, int tile) {
+    using C = WgmmaForwardConfig;
+    constexpr int HS = 64, BN = C::kBlockN;
+    const int warp = threadIdx.x / 32;
+    const size_t seq = head / p.NH;
+    const int h = head % p.NH;
+    const int q0 = tile * C::kBlockM;
+    const bf16* q = p.q + seq * p.q_seq_stride + h * p.q_head_stride;
+    const bf16* k = p.k + seq * p.kv_seq_stride + h * p.kv_head_stride;
+    const bf16* v = p.v + seq * p.kv_seq_stride + h * p.kv_head_stride;
+    const int* mask = p.key_mask ? p.key_mask + seq * p.mask_seq_stride : nullptr;
+    const int q_last = imin(q0 + C::kBlockM, p.n_q) - 1;
+    const int key_end = imin(p.kv_len, q_last + p.offset + 1);
+    const int n_tiles = (key_end + BN - 1) / BN;
+    const uint32_t smem = (smem_address(dynamic_smem()) + 1023u) & ~1023u;
+    const uint32_t s_q = smem + C::kQ;
+    auto s_k = [&](int stage) { return smem + C::kStage0 + stage * C::kStageBytes; };
+    auto s_v = [&](int stage) { return s_k(stage) + C::kTileBytes; };
+    const int w0 = q0 + 16 * warp;   // the warp's queries w0 .. w0 + 15 (absolute indices)
+
+    // Prologue: Q and key tile 0, one commit group.
+    load_tile_sw128<C::kBlockM>(s_q, q, p.q_row_stride, q0, [&](int r) { return q0 + r < p.n_q; });
+    uint64_t bits_next = key_bits<BN>(mask, 0, p.kv_len);
+    load_tile_sw128<BN>(s_k(0), k, HS, 0, [&](int r) { return (bits_next >> r) & 1; });
+    load_tile_sw128<BN>(s_v(0), v, HS, 0, [&](int r) { return (bits_next >> r) & 1; });
+    cp_async_commit();
+
+    float o[HS / 8][4];
+    float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};   // per row half hh, as in forward_block
+    zero(o);
+
+    for (int kt = 0; kt < n_tiles; kt++) {
+        const int stage = kt % 2, k0 = kt * BN;
+        const uint64_t bits = bits_next;
+        if (kt + 1 < n_tiles) {
+            bits_next = key_bits<BN>(mask, k0 + BN, p.kv_len);
+            load_tile_sw128<BN>(s_k(1 - stage), k, HS, k0 + BN, [&](int r) { return (bits_next >> r) & 1; });
+            load_tile_sw128<BN>(s_v(1 - stage), v, HS, k0 + BN, [&](int r) { return (bits_next >> r) & 1; });
+        }
+        cp_async_commit();
+        cp_async_wait<1>();
+        wgmma::fence_async_shared();
+        __syncthreads();
+
+        // Block-uniform skips (the block is the warpgroup): no visible key, every key after every query.
+        if (bits != 0 && k0 <= q_last + p.offset) {
+            float s[BN / 8][4];
+            wgmma::fence();
+            wgmma::issue_abt(s, s_q, s_k(stage));   // S = Q K^T
+            wgmma::commit();
+            wgmma::wait_all();
+            wgmma::fence_registers(s);
+
+            if (k0 + BN - 1 > w0 + p.offset || bits != all_bits<BN>()) mask_scores<BN>(s, bits, w0 + p.offset - k0);
+            online_softmax<BN, HS>(s, o, m, l, p.scale_log2);
+
+            uint32_t pf[BN / 16][4];
+            c_to_a<BN>(pf, s);
+            wgmma::fence_registers(pf);
+            wgmma::fence_registers(o);
+            wgmma::fence();
+            wgmma::issue_ab(o, pf, s_v(stage));     // O += P V
+            wgmma::commit();
+            wgmma::wait_all();
+            wgmma::fence_registers(o);
+        }
+        __syncthreads();   // every warp is done with this stage before iteration kt + 1 refills it
+    }
+    store_forward_rows<HS>(p, seq, h, head, w0, o, m, l);
+}
+#endif  // BLOCKTF_SM90A
 
 // ================================================================================================================
 // Backward.
@@ -1906,6 +2148,86 @@ __device__ __forceinline__ void delta_thread(float* delta, const bf16* dout, con
     }
 }
 
+// The dk/dv pass's element-wise step for one warp's 16 keys key0 + g + 8(e/2) (rows) x a tile of BQ queries i0 + c
+// (columns): the causal mask where the tile crosses the warp's diagonal (query i0 + c sees key j iff j <= i0 + c) and
+// queries past S, applied to S^T so that P^T = 2^-inf = 0 there; then P^T = 2^(S^T c - lse_i log2e) into st and
+// dS^T = P^T (dP^T - δ_i) into dpt. lse_s, delta_s: the tile's BQ row statistics (shared memory). Masked keys need no
+// mask here: their rows of P^T, dS^T only reach their own dK, dV rows, which are written as zeros.
+template <int BQ>
+__device__ __forceinline__ void dkdv_probabilities(float (&st)[BQ / 8][4], float (&dpt)[BQ / 8][4], const float* lse_s,
+                                                   const float* delta_s, int key0, int i0, int S, float scale_log2) {
+    const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+    if (i0 < key0 + 15 || i0 + BQ > S) {
+#pragma unroll
+        for (int hh = 0; hh < 2; hh++) {
+            const int low = key0 + g + 8 * hh - i0 - 2 * t, high = S - i0 - 2 * t;   // visible: low <= c' < high
+#pragma unroll
+            for (int n = 0; n < BQ / 8; n++)
+#pragma unroll
+                for (int odd = 0; odd < 2; odd++) {
+                    const int c = 8 * n + odd;
+                    if (c < low || c >= high) st[n][2 * hh + odd] = -INFINITY;
+                }
+        }
+    }
+#pragma unroll
+    for (int n = 0; n < BQ / 8; n++) {
+        const int c = 8 * n + 2 * t;
+        const float2 lse_pair = *reinterpret_cast<const float2*>(lse_s + c);
+        const float2 delta_pair = *reinterpret_cast<const float2*>(delta_s + c);
+        const float neg_lse2[2] = {-lse_pair.x * kLog2e, -lse_pair.y * kLog2e};
+        const float dl[2] = {delta_pair.x, delta_pair.y};
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            const float prob = exp2_approx(fmaf(st[n][e], scale_log2, neg_lse2[e % 2]));
+            dpt[n][e] = prob * (dpt[n][e] - dl[e % 2]);
+            st[n][e] = prob;
+        }
+    }
+}
+
+// The dq pass's element-wise step for one warp's 16 queries q0 + g + 8(e/2) (rows) x a tile of BK keys j0 + c
+// (columns): the mask where the tile crosses the diagonal or holds masked or missing keys (bits: key_bits), then
+// dS = P (dP - δ_i) into s, P = 2^(S c - lse_i log2e); neg_lse2, dl: -lse·log2e and δ of this thread's two rows.
+template <int BK>
+__device__ __forceinline__ void dq_probabilities(float (&s)[BK / 8][4], const float (&dp)[BK / 8][4], uint64_t bits, int q0,
+                                                 int j0, const float (&neg_lse2)[2], const float (&dl)[2], float scale_log2) {
+    if (j0 + BK - 1 > q0 || bits != all_bits<BK>()) mask_scores<BK>(s, bits, q0 - j0);
+#pragma unroll
+    for (int n = 0; n < BK / 8; n++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            const float prob = exp2_approx(fmaf(s[n][e], scale_log2, neg_lse2[e / 2]));
+            s[n][e] = prob * (dp[n][e] - dl[e / 2]);
+        }
+}
+
+// The passes' ends for one warp's 16 rows from row0: dk = scale · dK and dv = dV for keys below S (a masked key,
+// bit r of warp_bits clear, gets zeros); dq = scale · dQ for queries below S.
+template <int HS>
+__device__ __forceinline__ void store_dkdv_rows(const BackwardParams& p, const BackwardHead& in, int row0, uint32_t warp_bits,
+                                                const float (&dk)[HS / 8][4], const float (&dv)[HS / 8][4]) {
+    const int g = threadIdx.x % 32 / 4;
+#pragma unroll
+    for (int hh = 0; hh < 2; hh++) {
+        const int r = g + 8 * hh, j = row0 + r;
+        if (j < p.S) {
+            const bool visible = (warp_bits >> r) & 1;
+            store_row<HS>(p.dk + in.offset + (size_t)j * HS, dk, hh, p.scale, visible);
+            store_row<HS>(p.dv + in.offset + (size_t)j * HS, dv, hh, 1.0f, visible);
+        }
+    }
+}
+template <int HS>
+__device__ __forceinline__ void store_dq_rows(const BackwardParams& p, const BackwardHead& in, int row0, const float (&dq)[HS / 8][4]) {
+    const int g = threadIdx.x % 32 / 4;
+#pragma unroll
+    for (int hh = 0; hh < 2; hh++) {
+        const int i = row0 + g + 8 * hh;
+        if (i < p.S) store_row<HS>(p.dq + in.offset + (size_t)i * HS, dq, hh, p.scale, true);
+    }
+}
+
 // dk/dv pass, block (head, key tile of kBlock keys); warp w owns keys k0 + 16w .. k0 + 16w + 15.
 template <int HS>
 __device__ __forceinline__ void backward_dkdv_block(const BackwardParams& p, int head, int tile) {
@@ -1913,7 +2235,7 @@ __device__ __forceinline__ void backward_dkdv_block(const BackwardParams& p, int
     using T = Tile<HS>;
     constexpr int BQ = C::kTile, kLd = C::kLd;
     static_assert(C::kBlock == 64, "the block's key visibility is one 64-bit word");
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+    const int warp = threadIdx.x / 32;
     const int S = p.S;
     const BackwardHead in = backward_head<HS>(p, head);
     const int k0 = tile * C::kBlock, w0 = k0 + 16 * warp;
@@ -1968,39 +2290,9 @@ __device__ __forceinline__ void backward_dkdv_block(const BackwardParams& p, int
                 else mma_a_bt_smem_a<BQ, HS, kLd>(st, s_k, 16 * warp, s_q(stage));
                 if constexpr (C::kDkdvVInRegisters) mma_a_bt<1, BQ, HS, kLd>(dpt, vf, s_do(stage));
                 else mma_a_bt_smem_a<BQ, HS, kLd>(dpt, s_v, 16 * warp, s_do(stage));
-                // P^T = 2^(S^T c - lse_i log2e), dS^T = P^T (dP^T - δ_i); element (key w0 + g + 8(e/2), query i0 + c).
-                // Masked keys need no mask here: their rows of P^T, dS^T only reach their own dK, dV rows (zeroed).
+                // P^T, dS^T; element (key w0 + g + 8(e/2), query i0 + c).
                 const float* lse_s = lse_tile(stage);
-                const float* delta_s = lse_s + BQ;
-                // Causal mask where the tile crosses the diagonal (query i0 + c sees key j iff j <= i0 + c, i.e.
-                // c >= j - i0), and queries past S; done on S^T, so that P^T = 2^-inf = 0 there.
-                if (i0 < w0 + 15 || i0 + BQ > S) {
-#pragma unroll
-                    for (int hh = 0; hh < 2; hh++) {
-                        const int low = w0 + g + 8 * hh - i0 - 2 * t, high = S - i0 - 2 * t;   // visible: low <= c' < high
-#pragma unroll
-                        for (int n = 0; n < BQ / 8; n++)
-#pragma unroll
-                            for (int odd = 0; odd < 2; odd++) {
-                                const int c = 8 * n + odd;
-                                if (c < low || c >= high) st[0][n][2 * hh + odd] = -INFINITY;
-                            }
-                    }
-                }
-#pragma unroll
-                for (int n = 0; n < BQ / 8; n++) {
-                    const int c = 8 * n + 2 * t;
-                    const float2 lse_pair = *reinterpret_cast<const float2*>(lse_s + c);
-                    const float2 delta_pair = *reinterpret_cast<const float2*>(delta_s + c);
-                    const float neg_lse2[2] = {-lse_pair.x * kLog2e, -lse_pair.y * kLog2e};
-                    const float dl[2] = {delta_pair.x, delta_pair.y};
-#pragma unroll
-                    for (int e = 0; e < 4; e++) {
-                        const float prob = exp2_approx(fmaf(st[0][n][e], p.scale_log2, neg_lse2[e % 2]));
-                        dpt[0][n][e] = prob * (dpt[0][n][e] - dl[e % 2]);
-                        st[0][n][e] = prob;
-                    }
-                }
+                dkdv_probabilities<BQ>(st[0], dpt[0], lse_s, lse_s + BQ, w0, i0, S, p.scale_log2);
                 uint32_t pf[1][BQ / 16][4], dsf[1][BQ / 16][4];
                 c_to_a<BQ>(pf[0], st[0]);
                 c_to_a<BQ>(dsf[0], dpt[0]);
@@ -2010,16 +2302,7 @@ __device__ __forceinline__ void backward_dkdv_block(const BackwardParams& p, int
             __syncthreads();   // every warp is done with this stage before iteration qt + 1 refills it
         }
     }
-    // dk = scale · dK, dv = dV for the warp's keys below S; a masked key gets zeros.
-#pragma unroll
-    for (int hh = 0; hh < 2; hh++) {
-        const int r = g + 8 * hh, j = w0 + r;
-        if (j < S) {
-            const bool visible = (warp_bits >> r) & 1;
-            store_row<HS>(p.dk + in.offset + (size_t)j * HS, dk[0], hh, p.scale, visible);
-            store_row<HS>(p.dv + in.offset + (size_t)j * HS, dv[0], hh, 1.0f, visible);
-        }
-    }
+    store_dkdv_rows<HS>(p, in, w0, warp_bits, dk[0], dv[0]);
 }
 
 // dq pass, block (head, query tile of kBlock queries); warp w owns queries q0 + 16w .. q0 + 16w + 15.
@@ -2087,27 +2370,186 @@ __device__ __forceinline__ void backward_dq_block(const BackwardParams& p, int h
                 mma_a_bt_smem_a<BK, HS, kLd>(s, s_q, 16 * warp, s_k(stage));
                 mma_a_bt_smem_a<BK, HS, kLd>(dp, s_do, 16 * warp, s_v(stage));
             }
-            // P = 2^(S c - lse_i log2e) where visible, dS = P (dP - δ_i); element (query w0 + g + 8(e/2), key j0 + c).
-            if (j0 + BK - 1 > w0 || bits != all_bits<BK>()) mask_scores<BK>(s[0], bits, w0 - j0);
-#pragma unroll
-            for (int n = 0; n < BK / 8; n++)
-#pragma unroll
-                for (int e = 0; e < 4; e++) {
-                    const float prob = exp2_approx(fmaf(s[0][n][e], p.scale_log2, neg_lse2[e / 2]));
-                    s[0][n][e] = prob * (dp[0][n][e] - dl[e / 2]);
-                }
+            // dS; element (query w0 + g + 8(e/2), key j0 + c).
+            dq_probabilities<BK>(s[0], dp[0], bits, w0, j0, neg_lse2, dl, p.scale_log2);
             uint32_t dsf[1][BK / 16][4];
             c_to_a<BK>(dsf[0], s[0]);
             mma_a_b<1, HS, BK, kLd>(dq, dsf, s_k(stage));         // dQ += dS K
         }
         __syncthreads();
     }
+    store_dq_rows<HS>(p, in, w0, dq[0]);
+}
+
+#ifdef BLOCKTF_SM90A
+// Backward on wgmma, head size 64: the passes of backward_dkdv_block and backward_dq_block with the block = one
+// warpgroup owning 64 rows (keys, or queries) and the other side in tiles of 64, every product a wgmma on 128-byte
+// swizzled tiles (the forward's scheme and ordering rules): two products issued together (S and dP, or their
+// transposes) from shared memory, then the element-wise step per warp in registers, then two products with the
+// results as register A operands (used once). Skips are per block; the element-wise masks are the mma.sync passes'.
+struct WgmmaBackwardConfig {
+    static constexpr int kBlock = 64;   // own rows per block (one warpgroup, 16 a warp)
+    static constexpr int kTile = 64;    // other-side rows per tile
+    static constexpr uint32_t kTileBytes = 64 * 128;
+    // dk/dv: K, V, then stage s = 0, 1: Q, dO; then stage s's lse and δ (64 floats each). dq: Q, dO, then stage s:
+    // K, V. The same 48 KB of tiles (1024-byte aligned base) and, for dk/dv, 1 KB of row statistics.
+    static constexpr uint32_t kStage0 = 2 * kTileBytes, kStageBytes = 2 * kTileBytes;
+    static constexpr uint32_t kStats = kStage0 + 2 * kStageBytes, kStatsBytes = 2 * 4 * kTile;
+    static constexpr uint32_t kDkdvSmemBytes = kStats + 2 * kStatsBytes + 1024;   // + room to align the base
+    static constexpr uint32_t kDqSmemBytes = kStats + 1024;
+    // Blocks per SM the register allocation must allow. nvcc 13: dk/dv (four 64 x 64 accumulators: dK, dV, S^T, dP^T)
+    // 192 registers uncapped, 166 at 3 blocks without spill; dq 136 uncapped, 128 at 4 blocks with 4 bytes of spill.
+    // Backward at vanilla_160's shape (dev/attention): 0.512 ms at (2, 3) blocks, 0.488 at (3, 3), 0.468 at (3, 4).
+    static constexpr int kDkdvMinBlocks = 3, kDqMinBlocks = 4;
+};
+
+// dk/dv pass, block (head, key tile of 64 keys); warp w owns keys k0 + 16w .. k0 + 16w + 15.
+__device__ __forceinline__ void backward_dkdv_block_wgmma(const BackwardParams& p, int head, int tile) {
+    using C = WgmmaBackwardConfig;
+    constexpr int HS = 64, BQ = C::kTile;
+    const int warp = threadIdx.x / 32;
+    const int S = p.S;
+    const BackwardHead in = backward_head<HS>(p, head);
+    const int k0 = tile * C::kBlock, w0 = k0 + 16 * warp;
+    const int* mask = p.key_mask ? p.key_mask + in.seq * S : nullptr;
+    const float* lse = p.lse + (size_t)head * S;
+    const float* delta = p.delta + (size_t)head * S;
+    const uint64_t block_bits = key_bits<64>(mask, k0, S);
+    const uint32_t warp_bits = (uint32_t)(block_bits >> (16 * warp)) & 0xffffu;   // the warp's 16 keys
+
+    unsigned char* smem_ptr = dynamic_smem();
+    const uint32_t smem_raw = smem_address(smem_ptr), smem = (smem_raw + 1023u) & ~1023u;
+    const uint32_t s_k = smem, s_v = smem + C::kTileBytes;
+    auto s_q = [&](int stage) { return smem + C::kStage0 + stage * C::kStageBytes; };
+    auto s_do = [&](int stage) { return s_q(stage) + C::kTileBytes; };
+    auto s_stats = [&](int stage) { return smem + C::kStats + stage * C::kStatsBytes; };   // lse, then δ
+    auto stats_tile = [&](int stage) { return reinterpret_cast<const float*>(smem_ptr + (s_stats(stage) - smem_raw)); };
+
+    float dk[HS / 8][4], dv[HS / 8][4];   // rows: the warp's 16 keys
+    zero(dk);
+    zero(dv);
+    if (block_bits != 0) {   // block-uniform; otherwise every key of the block is masked and dk = dv = 0
+        const int q_begin = k0;                            // earlier queries see none of the block's keys
+        const int n_tiles = (S - q_begin + BQ - 1) / BQ;   // >= 1: k0 < S
+        auto load_query_tile = [&](int stage, int i0) {
+            load_tile_sw128<BQ>(s_q(stage), in.q, HS, i0, [&](int r) { return i0 + r < S; });
+            load_tile_sw128<BQ>(s_do(stage), in.dout, in.dout_stride, i0, [&](int r) { return i0 + r < S; });
+            load_row_stats(s_stats(stage), s_stats(stage) + 4 * BQ, lse, delta, i0, BQ, S);
+        };
+        load_tile_sw128<C::kBlock>(s_k, in.k, HS, k0, [&](int r) { return (block_bits >> r) & 1; });
+        load_tile_sw128<C::kBlock>(s_v, in.v, HS, k0, [&](int r) { return (block_bits >> r) & 1; });
+        load_query_tile(0, q_begin);
+        cp_async_commit();
+
+        for (int qt = 0; qt < n_tiles; qt++) {
+            const int stage = qt % 2, i0 = q_begin + qt * BQ;
+            if (qt + 1 < n_tiles) load_query_tile(1 - stage, i0 + BQ);   // the stage read in iteration qt - 1
+            cp_async_commit();
+            cp_async_wait<1>();
+            wgmma::fence_async_shared();
+            __syncthreads();
+            float st[BQ / 8][4], dpt[BQ / 8][4];   // element (key w0 + g + 8(e/2), query i0 + c)
+            wgmma::fence();
+            wgmma::issue_abt(st, s_k, s_q(stage));     // S^T = K Q^T
+            wgmma::issue_abt(dpt, s_v, s_do(stage));   // dP^T = V dO^T
+            wgmma::commit();
+            wgmma::wait_all();
+            wgmma::fence_registers(st);
+            wgmma::fence_registers(dpt);
+            const float* lse_s = stats_tile(stage);
+            dkdv_probabilities<BQ>(st, dpt, lse_s, lse_s + BQ, w0, i0, S, p.scale_log2);
+            uint32_t pf[BQ / 16][4], dsf[BQ / 16][4];
+            c_to_a<BQ>(pf, st);
+            c_to_a<BQ>(dsf, dpt);
+            wgmma::fence_registers(pf);
+            wgmma::fence_registers(dsf);
+            wgmma::fence_registers(dv);
+            wgmma::fence_registers(dk);
+            wgmma::fence();
+            wgmma::issue_ab(dv, pf, s_do(stage));   // dV += P^T dO
+            wgmma::issue_ab(dk, dsf, s_q(stage));   // dK += dS^T Q
+            wgmma::commit();
+            wgmma::wait_all();
+            wgmma::fence_registers(dv);
+            wgmma::fence_registers(dk);
+            __syncthreads();   // every warp is done with this stage before iteration qt + 1 refills it
+        }
+    }
+    store_dkdv_rows<HS>(p, in, w0, warp_bits, dk, dv);
+}
+
+// dq pass, block (head, query tile of 64 queries); warp w owns queries q0 + 16w .. q0 + 16w + 15.
+__device__ __forceinline__ void backward_dq_block_wgmma(const BackwardParams& p, int head, int tile) {
+    using C = WgmmaBackwardConfig;
+    constexpr int HS = 64, BK = C::kTile;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4;
+    const int S = p.S;
+    const BackwardHead in = backward_head<HS>(p, head);
+    const int q0 = tile * C::kBlock, w0 = q0 + 16 * warp;
+    const int* mask = p.key_mask ? p.key_mask + in.seq * S : nullptr;
+    const int q_last = imin(q0 + C::kBlock, S) - 1;
+    const int n_tiles = (q_last + BK) / BK;                    // keys past the block's last query: invisible
+
+    const uint32_t smem = (smem_address(dynamic_smem()) + 1023u) & ~1023u;
+    const uint32_t s_q = smem, s_do = smem + C::kTileBytes;
+    auto s_k = [&](int stage) { return smem + C::kStage0 + stage * C::kStageBytes; };
+    auto s_v = [&](int stage) { return s_k(stage) + C::kTileBytes; };
+
+    load_tile_sw128<C::kBlock>(s_q, in.q, HS, q0, [&](int r) { return q0 + r < S; });
+    load_tile_sw128<C::kBlock>(s_do, in.dout, in.dout_stride, q0, [&](int r) { return q0 + r < S; });
+    uint64_t bits_next = key_bits<BK>(mask, 0, S);
+    load_tile_sw128<BK>(s_k(0), in.k, HS, 0, [&](int r) { return (bits_next >> r) & 1; });
+    load_tile_sw128<BK>(s_v(0), in.v, HS, 0, [&](int r) { return (bits_next >> r) & 1; });
+    cp_async_commit();
+
+    // Row statistics of this thread's rows w0 + g + 8hh, in the log2 domain.
+    float neg_lse2[2], dl[2];
 #pragma unroll
     for (int hh = 0; hh < 2; hh++) {
         const int i = w0 + g + 8 * hh;
-        if (i < S) store_row<HS>(p.dq + in.offset + (size_t)i * HS, dq[0], hh, p.scale, true);
+        neg_lse2[hh] = i < S ? -p.lse[(size_t)head * S + i] * kLog2e : 0.0f;
+        dl[hh] = i < S ? p.delta[(size_t)head * S + i] : 0.0f;
     }
+    float dq[HS / 8][4];
+    zero(dq);
+
+    for (int kt = 0; kt < n_tiles; kt++) {
+        const int stage = kt % 2, j0 = kt * BK;
+        const uint64_t bits = bits_next;
+        if (kt + 1 < n_tiles) {
+            bits_next = key_bits<BK>(mask, j0 + BK, S);
+            load_tile_sw128<BK>(s_k(1 - stage), in.k, HS, j0 + BK, [&](int r) { return (bits_next >> r) & 1; });
+            load_tile_sw128<BK>(s_v(1 - stage), in.v, HS, j0 + BK, [&](int r) { return (bits_next >> r) & 1; });
+        }
+        cp_async_commit();
+        cp_async_wait<1>();
+        wgmma::fence_async_shared();
+        __syncthreads();
+        if (bits != 0) {   // block-uniform skip: no visible key (key tiles after the last query are not visited)
+            float s[BK / 8][4], dp[BK / 8][4];   // element (query w0 + g + 8(e/2), key j0 + c)
+            wgmma::fence();
+            wgmma::issue_abt(s, s_q, s_k(stage));     // S = Q K^T
+            wgmma::issue_abt(dp, s_do, s_v(stage));   // dP = dO V^T
+            wgmma::commit();
+            wgmma::wait_all();
+            wgmma::fence_registers(s);
+            wgmma::fence_registers(dp);
+            dq_probabilities<BK>(s, dp, bits, w0, j0, neg_lse2, dl, p.scale_log2);
+            uint32_t dsf[BK / 16][4];
+            c_to_a<BK>(dsf, s);
+            wgmma::fence_registers(dsf);
+            wgmma::fence_registers(dq);
+            wgmma::fence();
+            wgmma::issue_ab(dq, dsf, s_k(stage));     // dQ += dS K
+            wgmma::commit();
+            wgmma::wait_all();
+            wgmma::fence_registers(dq);
+        }
+        __syncthreads();
+    }
+    store_dq_rows<HS>(p, in, w0, dq);
 }
+#endif  // BLOCKTF_SM90A
 
 // ================================================================================================================
 // Launch geometry and parameters.
@@ -2203,6 +2645,17 @@ template <int HS>
 __global__ void __launch_bounds__(kThreads, ForwardConfig<HS>::kMinBlocks) forward_kernel(const ForwardParams p) {
     forward_block<HS>(p, blockIdx.x, longest_first(blockIdx.y, gridDim.y));
 }
+#ifdef BLOCKTF_SM90A
+__global__ void __launch_bounds__(kThreads, WgmmaForwardConfig::kMinBlocks) forward_wgmma_kernel(const ForwardParams p) {
+    forward_block_wgmma(p, blockIdx.x, longest_first(blockIdx.y, gridDim.y));
+}
+__global__ void __launch_bounds__(kThreads, WgmmaBackwardConfig::kDkdvMinBlocks) backward_dkdv_wgmma_kernel(const BackwardParams p) {
+    backward_dkdv_block_wgmma(p, blockIdx.x, blockIdx.y);
+}
+__global__ void __launch_bounds__(kThreads, WgmmaBackwardConfig::kDqMinBlocks) backward_dq_wgmma_kernel(const BackwardParams p) {
+    backward_dq_block_wgmma(p, blockIdx.x, longest_first(blockIdx.y, gridDim.y));
+}
+#endif
 template <int HS>
 __global__ void __launch_bounds__(kThreads, BackwardConfig<HS>::kDkdvMinBlocks) backward_dkdv_kernel(const BackwardParams p) {
     backward_dkdv_block<HS>(p, blockIdx.x, blockIdx.y);
@@ -2242,6 +2695,16 @@ inline void check_flash_args(const char* who, int nseq, int n_q, int NH, int HS,
 namespace flash {
 template <int HS>
 inline void launch_forward(const ForwardParams& p, int nseq, cudaStream_t stream) {
+#ifdef BLOCKTF_SM90A
+    if constexpr (HS == 64) {
+        using C = WgmmaForwardConfig;
+        allow_dynamic_smem(forward_wgmma_kernel, C::kSmemBytes, "flash attention forward (wgmma)");
+        const dim3 grid((unsigned)(nseq * p.NH), (unsigned)((p.n_q + C::kBlockM - 1) / C::kBlockM));
+        forward_wgmma_kernel<<<grid, kThreads, C::kSmemBytes, stream>>>(p);
+        cudaCheckLaunch();
+        return;
+    }
+#endif
     constexpr uint32_t smem = ForwardConfig<HS>::kSmemBytes;
     allow_dynamic_smem(forward_kernel<HS>, smem, "flash attention forward");
     const dim3 grid((unsigned)(nseq * p.NH), (unsigned)forward_tiles<HS>(p.n_q));
@@ -2258,6 +2721,19 @@ inline void launch_backward(const BackwardParams& p, const bf16* out, float* del
     delta_kernel<HS><<<(unsigned)((threads + 255) / 256), 256, 0, stream>>>(delta, p.dout, out, rows, p.S, p.NH);
     cudaCheckLaunch();
     const dim3 grid((unsigned)(nseq * p.NH), (unsigned)backward_tiles<HS>(p.S));
+#ifdef BLOCKTF_SM90A
+    if constexpr (HS == 64) {
+        using W = WgmmaBackwardConfig;
+        static_assert(W::kBlock == C::kBlock, "the grid of backward_tiles");
+        allow_dynamic_smem(backward_dkdv_wgmma_kernel, W::kDkdvSmemBytes, "flash attention backward (dk, dv; wgmma)");
+        allow_dynamic_smem(backward_dq_wgmma_kernel, W::kDqSmemBytes, "flash attention backward (dq; wgmma)");
+        backward_dkdv_wgmma_kernel<<<grid, kThreads, W::kDkdvSmemBytes, stream>>>(p);
+        cudaCheckLaunch();
+        backward_dq_wgmma_kernel<<<grid, kThreads, W::kDqSmemBytes, stream>>>(p);
+        cudaCheckLaunch();
+        return;
+    }
+#endif
     allow_dynamic_smem(backward_dkdv_kernel<HS>, C::kDkdvSmemBytes, "flash attention backward (dk, dv)");
     allow_dynamic_smem(backward_dq_kernel<HS>, C::kDqSmemBytes, "flash attention backward (dq)");
     backward_dkdv_kernel<HS><<<grid, kThreads, C::kDkdvSmemBytes, stream>>>(p);
@@ -2266,7 +2742,13 @@ inline void launch_backward(const BackwardParams& p, const bf16* out, float* del
     cudaCheckLaunch();
 }
 
-inline int forward_block_rows(int HS) { return HS == 128 ? ForwardConfig<128>::kBlockM : ForwardConfig<64>::kBlockM; }
+// Queries per block of the forward kernel launch_forward<HS> takes.
+inline int forward_block_rows(int HS) {
+#ifdef BLOCKTF_SM90A
+    if (HS == 64) return WgmmaForwardConfig::kBlockM;
+#endif
+    return HS == 128 ? ForwardConfig<128>::kBlockM : ForwardConfig<64>::kBlockM;
+}
 inline const bf16* as_bf16(const floatX* p) { return reinterpret_cast<const bf16*>(p); }
 inline bf16* as_bf16(floatX* p) { return reinterpret_cast<bf16*>(p); }
 }  // namespace flash

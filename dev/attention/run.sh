@@ -20,7 +20,7 @@ for precision in FP32 BF16; do
     binary=build/test_attention_$precision
     echo
     echo "== $precision build"
-    if ! nvcc -std=c++17 -O2 -arch=sm_90 -I. -DBLOCKTF_PRECISION_$precision -Xcompiler -Wall,-Wextra \
+    if ! nvcc -std=c++17 -O2 -gencode arch=compute_90a,code=sm_90a -DBLOCKTF_SM90A -I. -DBLOCKTF_PRECISION_$precision -Xcompiler -Wall,-Wextra \
             dev/attention/test_attention.cu -o "$binary" -lcublas -lcublasLt >"$logs/build_$precision.log" 2>&1; then
         tail -20 "$logs/build_$precision.log"
         result[$precision]="build failed (see $logs/build_$precision.log)"

@@ -17,8 +17,8 @@
 //   5. A benchmark (BF16 build) at the paper's shapes, each path against the matmul path (CUDA events, warm-up,
 //      median): one markdown table; then flash_attention_cached_prefill against attention_cached.
 // Build, from the repository root (dev/attention/run.sh builds both precisions and runs them):
-//   nvcc -std=c++17 -O2 -arch=sm_90 -I. -DBLOCKTF_PRECISION_BF16 dev/attention/test_attention.cu -o build/test_attention
-//        -lcublas -lcublasLt          (or -DBLOCKTF_PRECISION_FP32)
+//   nvcc -std=c++17 -O2 -gencode arch=compute_90a,code=sm_90a -DBLOCKTF_SM90A -I. -DBLOCKTF_PRECISION_BF16
+//        dev/attention/test_attention.cu -o build/test_attention -lcublas -lcublasLt   (or -DBLOCKTF_PRECISION_FP32)
 // Run: build/test_attention [--quick] [--no-bench]. --quick: a few small shapes, no benchmark (for compute-sanitizer).
 // Exit status: 0 when every check passed, 1 otherwise.
 #include <algorithm>
