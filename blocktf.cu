@@ -1754,6 +1754,27 @@ __device__ __forceinline__ void store_forward_rows(const ForwardParams& p, size_
     }
 }
 
+// One forward block's share of the inputs (head = seq * NH + h, queries q0 .. q0 + kBlockM - 1): its q, k, v rows
+// and key mask (the strides of ForwardParams), its last query, and the key tiles of kBlockN it visits: keys past the
+// last query (+ offset) are visible to none of its queries (n_tiles >= 1: the last query sees key 0 at least).
+struct ForwardHead {
+    size_t seq;
+    int h;
+    const bf16 *q, *k, *v;
+    const int* mask;
+    int q_last, n_tiles;
+};
+template <int kBlockM, int kBlockN>
+__device__ __forceinline__ ForwardHead forward_head(const ForwardParams& p, int head, int q0) {
+    const size_t seq = head / p.NH;
+    const int h = head % p.NH;
+    const int q_last = imin(q0 + kBlockM, p.n_q) - 1;
+    const int key_end = imin(p.kv_len, q_last + p.offset + 1);
+    return {seq, h, p.q + seq * p.q_seq_stride + h * p.q_head_stride, p.k + seq * p.kv_seq_stride + h * p.kv_head_stride,
+            p.v + seq * p.kv_seq_stride + h * p.kv_head_stride, p.key_mask ? p.key_mask + seq * p.mask_seq_stride : nullptr,
+            q_last, (key_end + kBlockN - 1) / kBlockN};
+}
+
 // Block (head = seq * NH + h, query tile). The scheme: the flash section's header.
 template <int HS>
 __device__ __forceinline__ void forward_block(const ForwardParams& p, int head, int tile) {
@@ -1761,17 +1782,11 @@ __device__ __forceinline__ void forward_block(const ForwardParams& p, int head, 
     using T = Tile<HS>;
     constexpr int G = C::kGroups, BN = C::kBlockN, kLd = T::kLd;
     const int warp = threadIdx.x / 32;
-    const size_t seq = head / p.NH;
-    const int h = head % p.NH;
     const int q0 = tile * C::kBlockM;
-    const bf16* q = p.q + seq * p.q_seq_stride + h * p.q_head_stride;
-    const bf16* k = p.k + seq * p.kv_seq_stride + h * p.kv_head_stride;
-    const bf16* v = p.v + seq * p.kv_seq_stride + h * p.kv_head_stride;
-    const int* mask = p.key_mask ? p.key_mask + seq * p.mask_seq_stride : nullptr;
-    // Keys past the block's last query (+ offset) are visible to none of its queries.
-    const int q_last = imin(q0 + C::kBlockM, p.n_q) - 1;
-    const int key_end = imin(p.kv_len, q_last + p.offset + 1);
-    const int n_tiles = (key_end + BN - 1) / BN;               // >= 1: key_end >= 1
+    const ForwardHead in = forward_head<C::kBlockM, BN>(p, head, q0);
+    const bf16 *q = in.q, *k = in.k, *v = in.v;
+    const int* mask = in.mask;
+    const int n_tiles = in.n_tiles;
     const uint32_t smem = smem_address(dynamic_smem());
     const uint32_t s_q = smem + C::kQ;
     auto s_k = [&](int stage) { return smem + C::kStage0 + stage * C::kStageBytes; };
@@ -1835,7 +1850,7 @@ __device__ __forceinline__ void forward_block(const ForwardParams& p, int head, 
     }
 
 #pragma unroll
-    for (int mr = 0; mr < G; mr++) store_forward_rows<HS>(p, seq, h, head, w0 + 16 * mr, o[mr], m[mr], l[mr]);
+    for (int mr = 0; mr < G; mr++) store_forward_rows<HS>(p, in.seq, in.h, head, w0 + 16 * mr, o[mr], m[mr], l[mr]);
 }
 
 // ================================================================================================================
@@ -1942,6 +1957,20 @@ __device__ __forceinline__ void issue_ab(float (&acc)[8][4], const uint32_t (&a)
     for (int kk = 0; kk < 4; kk++) mma_rs(acc, a[kk], sw128_descriptor(b_tile + 2048 * kk), 1);
 }
 
+// acc += C B, waited for: C a 64 x 64 fp32 result in registers (P, dS) packed to bf16 A fragments, B the tile at
+// b_tile (issue_ab).
+__device__ __forceinline__ void accumulate_product(float (&acc)[8][4], const float (&c)[8][4], uint32_t b_tile) {
+    uint32_t a[4][4];
+    c_to_a<64>(a, c);
+    fence_registers(a);
+    fence_registers(acc);
+    fence();
+    issue_ab(acc, a, b_tile);
+    commit();
+    wait_all();
+    fence_registers(acc);
+}
+
 }  // namespace wgmma
 
 // Block-cooperative cp.async of rows [row0, row0 + kRows) of a matrix of 64 bf16 columns whose row j starts at src +
@@ -1979,16 +2008,11 @@ __device__ __forceinline__ void forward_block_wgmma(const ForwardParams& p, int 
     using C = WgmmaForwardConfig;
     constexpr int HS = 64, BN = C::kBlockN;
     const int warp = threadIdx.x / 32;
-    const size_t seq = head / p.NH;
-    const int h = head % p.NH;
     const int q0 = tile * C::kBlockM;
-    const bf16* q = p.q + seq * p.q_seq_stride + h * p.q_head_stride;
-    const bf16* k = p.k + seq * p.kv_seq_stride + h * p.kv_head_stride;
-    const bf16* v = p.v + seq * p.kv_seq_stride + h * p.kv_head_stride;
-    const int* mask = p.key_mask ? p.key_mask + seq * p.mask_seq_stride : nullptr;
-    const int q_last = imin(q0 + C::kBlockM, p.n_q) - 1;
-    const int key_end = imin(p.kv_len, q_last + p.offset + 1);
-    const int n_tiles = (key_end + BN - 1) / BN;
+    const ForwardHead in = forward_head<C::kBlockM, BN>(p, head, q0);
+    const bf16 *q = in.q, *k = in.k, *v = in.v;
+    const int* mask = in.mask;
+    const int q_last = in.q_last, n_tiles = in.n_tiles;
     const uint32_t smem = (smem_address(dynamic_smem()) + 1023u) & ~1023u;
     const uint32_t s_q = smem + C::kQ;
     auto s_k = [&](int stage) { return smem + C::kStage0 + stage * C::kStageBytes; };
@@ -2031,19 +2055,11 @@ __device__ __forceinline__ void forward_block_wgmma(const ForwardParams& p, int 
             if (k0 + BN - 1 > w0 + p.offset || bits != all_bits<BN>()) mask_scores<BN>(s, bits, w0 + p.offset - k0);
             online_softmax<BN, HS>(s, o, m, l, p.scale_log2);
 
-            uint32_t pf[BN / 16][4];
-            c_to_a<BN>(pf, s);
-            wgmma::fence_registers(pf);
-            wgmma::fence_registers(o);
-            wgmma::fence();
-            wgmma::issue_ab(o, pf, s_v(stage));     // O += P V
-            wgmma::commit();
-            wgmma::wait_all();
-            wgmma::fence_registers(o);
+            wgmma::accumulate_product(o, s, s_v(stage));   // O += P V
         }
         __syncthreads();   // every warp is done with this stage before iteration kt + 1 refills it
     }
-    store_forward_rows<HS>(p, seq, h, head, w0, o, m, l);
+    store_forward_rows<HS>(p, in.seq, in.h, head, w0, o, m, l);
 }
 #endif  // BLOCKTF_SM90A
 
@@ -2212,6 +2228,22 @@ __device__ __forceinline__ void store_dq_rows(const BackwardParams& p, const Bac
     }
 }
 
+// The dk/dv pass's block of 64 keys: k0 (its first), w0 (the calling warp's first: warp w owns k0 + 16w ..
+// k0 + 16w + 15), the head's lse and δ rows, and which keys of the block and of the warp are visible (key_bits).
+struct DkdvKeys {
+    int k0, w0;
+    const float *lse, *delta;
+    uint64_t block_bits;
+    uint32_t warp_bits;
+};
+__device__ __forceinline__ DkdvKeys dkdv_keys(const BackwardParams& p, const BackwardHead& in, int head, int tile) {
+    const int warp = threadIdx.x / 32, k0 = tile * 64;
+    const int* mask = p.key_mask ? p.key_mask + in.seq * p.S : nullptr;
+    const uint64_t block_bits = key_bits<64>(mask, k0, p.S);
+    return {k0, k0 + 16 * warp, p.lse + (size_t)head * p.S, p.delta + (size_t)head * p.S, block_bits,
+            (uint32_t)(block_bits >> (16 * warp)) & 0xffffu};
+}
+
 // dk/dv pass, block (head, key tile of kBlock keys); warp w owns keys k0 + 16w .. k0 + 16w + 15.
 template <int HS>
 __device__ __forceinline__ void backward_dkdv_block(const BackwardParams& p, int head, int tile) {
@@ -2222,12 +2254,8 @@ __device__ __forceinline__ void backward_dkdv_block(const BackwardParams& p, int
     const int warp = threadIdx.x / 32;
     const int S = p.S;
     const BackwardHead in = backward_head<HS>(p, head);
-    const int k0 = tile * C::kBlock, w0 = k0 + 16 * warp;
-    const int* mask = p.key_mask ? p.key_mask + in.seq * S : nullptr;
-    const float* lse = p.lse + (size_t)head * S;
-    const float* delta = p.delta + (size_t)head * S;
-    const uint64_t block_bits = key_bits<64>(mask, k0, S);
-    const uint32_t warp_bits = (uint32_t)(block_bits >> (16 * warp)) & 0xffffu;   // the warp's 16 keys
+    const DkdvKeys keys = dkdv_keys(p, in, head, tile);
+    const int k0 = keys.k0, w0 = keys.w0;
 
     unsigned char* smem_ptr = dynamic_smem();
     const uint32_t smem = smem_address(smem_ptr);
@@ -2242,16 +2270,16 @@ __device__ __forceinline__ void backward_dkdv_block(const BackwardParams& p, int
     float dk[1][HS / 8][4], dv[1][HS / 8][4];   // the warp's 16 rows (one row group)
     zero(dk[0]);
     zero(dv[0]);
-    if (block_bits != 0) {   // block-uniform; otherwise every key of the block is masked and dk = dv = 0
+    if (keys.block_bits != 0) {   // block-uniform; otherwise every key of the block is masked and dk = dv = 0
         const int q_begin = k0 / BQ * BQ;                      // earlier queries see none of the block's keys
         const int n_tiles = (S - q_begin + BQ - 1) / BQ;       // >= 1: k0 < S
         auto load_query_tile = [&](int stage, int i0) {
             load_tile<HS, BQ>(s_q(stage), in.q, HS, i0, [&](int r) { return i0 + r < S; });
             load_tile<HS, BQ>(s_do(stage), in.dout, in.dout_stride, i0, [&](int r) { return i0 + r < S; });
-            load_row_stats(s_lse(stage), s_lse(stage) + 4 * BQ, lse, delta, i0, BQ, S);
+            load_row_stats(s_lse(stage), s_lse(stage) + 4 * BQ, keys.lse, keys.delta, i0, BQ, S);
         };
-        load_tile<HS, C::kBlock>(s_k, in.k, HS, k0, [&](int r) { return (block_bits >> r) & 1; });
-        load_tile<HS, C::kBlock>(s_v, in.v, HS, k0, [&](int r) { return (block_bits >> r) & 1; });
+        load_tile<HS, C::kBlock>(s_k, in.k, HS, k0, [&](int r) { return (keys.block_bits >> r) & 1; });
+        load_tile<HS, C::kBlock>(s_v, in.v, HS, k0, [&](int r) { return (keys.block_bits >> r) & 1; });
         load_query_tile(0, q_begin);
         cp_async_commit();
 
@@ -2265,7 +2293,7 @@ __device__ __forceinline__ void backward_dkdv_block(const BackwardParams& p, int
             if (C::kDkdvKInRegisters && qt == 0) load_a<1, HS, kLd>(kf, s_k, 16 * warp);
             if (C::kDkdvVInRegisters && qt == 0) load_a<1, HS, kLd>(vf, s_v, 16 * warp);
             // Skip: the warp's keys all masked, or every query of the tile before every key of the warp.
-            if (warp_bits != 0 && i0 + BQ - 1 >= w0) {
+            if (keys.warp_bits != 0 && i0 + BQ - 1 >= w0) {
                 float st[1][BQ / 8][4], dpt[1][BQ / 8][4];
                 zero(st[0]);
                 zero(dpt[0]);
@@ -2286,7 +2314,7 @@ __device__ __forceinline__ void backward_dkdv_block(const BackwardParams& p, int
             __syncthreads();   // every warp is done with this stage before iteration qt + 1 refills it
         }
     }
-    store_dkdv_rows<HS>(p, in, w0, warp_bits, dk[0], dv[0]);
+    store_dkdv_rows<HS>(p, in, w0, keys.warp_bits, dk[0], dv[0]);
 }
 
 // dq pass, block (head, query tile of kBlock queries); warp w owns queries q0 + 16w .. q0 + 16w + 15.
@@ -2391,15 +2419,10 @@ struct WgmmaBackwardConfig {
 __device__ __forceinline__ void backward_dkdv_block_wgmma(const BackwardParams& p, int head, int tile) {
     using C = WgmmaBackwardConfig;
     constexpr int HS = 64, BQ = C::kTile;
-    const int warp = threadIdx.x / 32;
     const int S = p.S;
     const BackwardHead in = backward_head<HS>(p, head);
-    const int k0 = tile * C::kBlock, w0 = k0 + 16 * warp;
-    const int* mask = p.key_mask ? p.key_mask + in.seq * S : nullptr;
-    const float* lse = p.lse + (size_t)head * S;
-    const float* delta = p.delta + (size_t)head * S;
-    const uint64_t block_bits = key_bits<64>(mask, k0, S);
-    const uint32_t warp_bits = (uint32_t)(block_bits >> (16 * warp)) & 0xffffu;   // the warp's 16 keys
+    const DkdvKeys keys = dkdv_keys(p, in, head, tile);
+    const int k0 = keys.k0, w0 = keys.w0;
 
     unsigned char* smem_ptr = dynamic_smem();
     const uint32_t smem_raw = smem_address(smem_ptr), smem = (smem_raw + 1023u) & ~1023u;
@@ -2412,16 +2435,16 @@ __device__ __forceinline__ void backward_dkdv_block_wgmma(const BackwardParams& 
     float dk[HS / 8][4], dv[HS / 8][4];   // rows: the warp's 16 keys
     zero(dk);
     zero(dv);
-    if (block_bits != 0) {   // block-uniform; otherwise every key of the block is masked and dk = dv = 0
+    if (keys.block_bits != 0) {   // block-uniform; otherwise every key of the block is masked and dk = dv = 0
         const int q_begin = k0;                            // earlier queries see none of the block's keys
         const int n_tiles = (S - q_begin + BQ - 1) / BQ;   // >= 1: k0 < S
         auto load_query_tile = [&](int stage, int i0) {
             load_tile_sw128<BQ>(s_q(stage), in.q, HS, i0, [&](int r) { return i0 + r < S; });
             load_tile_sw128<BQ>(s_do(stage), in.dout, in.dout_stride, i0, [&](int r) { return i0 + r < S; });
-            load_row_stats(s_stats(stage), s_stats(stage) + 4 * BQ, lse, delta, i0, BQ, S);
+            load_row_stats(s_stats(stage), s_stats(stage) + 4 * BQ, keys.lse, keys.delta, i0, BQ, S);
         };
-        load_tile_sw128<C::kBlock>(s_k, in.k, HS, k0, [&](int r) { return (block_bits >> r) & 1; });
-        load_tile_sw128<C::kBlock>(s_v, in.v, HS, k0, [&](int r) { return (block_bits >> r) & 1; });
+        load_tile_sw128<C::kBlock>(s_k, in.k, HS, k0, [&](int r) { return (keys.block_bits >> r) & 1; });
+        load_tile_sw128<C::kBlock>(s_v, in.v, HS, k0, [&](int r) { return (keys.block_bits >> r) & 1; });
         load_query_tile(0, q_begin);
         cp_async_commit();
 
@@ -2459,7 +2482,7 @@ __device__ __forceinline__ void backward_dkdv_block_wgmma(const BackwardParams& 
             __syncthreads();   // every warp is done with this stage before iteration qt + 1 refills it
         }
     }
-    store_dkdv_rows<HS>(p, in, w0, warp_bits, dk, dv);
+    store_dkdv_rows<HS>(p, in, w0, keys.warp_bits, dk, dv);
 }
 
 // dq pass, block (head, query tile of 64 queries); warp w owns queries q0 + 16w .. q0 + 16w + 15.
@@ -2519,15 +2542,7 @@ __device__ __forceinline__ void backward_dq_block_wgmma(const BackwardParams& p,
             wgmma::fence_registers(s);
             wgmma::fence_registers(dp);
             dq_probabilities<BK>(s, dp, bits, w0, j0, neg_lse2, dl, p.scale_log2);
-            uint32_t dsf[BK / 16][4];
-            c_to_a<BK>(dsf, s);
-            wgmma::fence_registers(dsf);
-            wgmma::fence_registers(dq);
-            wgmma::fence();
-            wgmma::issue_ab(dq, dsf, s_k(stage));     // dQ += dS K
-            wgmma::commit();
-            wgmma::wait_all();
-            wgmma::fence_registers(dq);
+            wgmma::accumulate_product(dq, s, s_k(stage));   // dQ += dS K
         }
         __syncthreads();
     }
