@@ -1909,9 +1909,6 @@ __device__ __forceinline__ void fence_registers(uint32_t (&r)[N][4]) {
         for (int e = 0; e < 4; e++) asm volatile("" : "+r"(r[n][e])::"memory");
 }
 
-// The two products, m64n64k16: d (the warpgroup's 64 x 64 fp32 accumulator; this thread's part as C fragments of 8
-// column tiles) = d · accumulate + A (64 x 16 bf16) · B (16 x 64 bf16). Asynchronous: d is valid after commit() and
-// wait_all().
 // The accumulator of an m64n64k16 wgmma in inline asm: operands %0..%31 (this thread's 32 floats of d, in C-fragment
 // order), and the instruction's opening up to the brace list that names them.
 #define BLOCKTF_WGMMA_64x64x16_D(d)                                                                                   \
@@ -1924,6 +1921,9 @@ __device__ __forceinline__ void fence_registers(uint32_t (&r)[N][4]) {
     "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, "  \
     "%13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
 
+// The two products, m64n64k16: d (the warpgroup's 64 x 64 fp32 accumulator; this thread's part as C fragments of 8
+// column tiles) = d · accumulate + A (64 x 16 bf16) · B (16 x 64 bf16). Asynchronous: d is valid after commit() and
+// wait_all().
 // mma_rs: A is this thread's A fragment (registers), B in shared memory at descriptor b, stored MN-major (a row per k,
 // holding the 64 output columns: V in P V).
 __device__ __forceinline__ void mma_rs(float (&d)[8][4], const uint32_t (&a)[4], uint64_t b, int accumulate) {
@@ -2106,18 +2106,21 @@ struct BackwardParams {
 };
 
 // One head's share of the backward's inputs: its sequence, its rows of q, k, v (S x HS each, at offset in the head
-// layout) and its rows of dout (row i at dout + i * dout_stride: dout is in the merged layout, heads interleaved).
+// layout), its rows of dout (row i at dout + i * dout_stride: dout is in the merged layout, heads interleaved) and
+// its sequence's key mask (S; null: every key visible).
 struct BackwardHead {
     size_t seq, offset;
     const bf16 *q, *k, *v, *dout;
     size_t dout_stride;
+    const int* mask;
 };
 template <int HS>
 __device__ __forceinline__ BackwardHead backward_head(const BackwardParams& p, int head) {
     const size_t seq = head / p.NH;
     const int h = head % p.NH, S = p.S;
     const size_t offset = (size_t)head * S * HS;
-    return {seq, offset, p.q + offset, p.k + offset, p.v + offset, p.dout + (seq * S * p.NH + h) * HS, (size_t)p.NH * HS};
+    return {seq, offset, p.q + offset, p.k + offset, p.v + offset, p.dout + (seq * S * p.NH + h) * HS, (size_t)p.NH * HS,
+            p.key_mask ? p.key_mask + seq * S : nullptr};
 }
 
 // δ_i = Σ_d dO_id · out_id over the merged layout (nseq, S, NH*HS): HS/8 threads per row (seq, i, h), each 8
@@ -2202,6 +2205,17 @@ __device__ __forceinline__ void dq_probabilities(float (&s)[BK / 8][4], const fl
         }
 }
 
+// The dq pass's row statistics of this thread's two rows w0 + g + 8hh: -lse·log2e and δ (0 for rows past S).
+__device__ __forceinline__ void dq_row_stats(const BackwardParams& p, int head, int w0, float (&neg_lse2)[2], float (&dl)[2]) {
+    const int g = threadIdx.x % 32 / 4;
+#pragma unroll
+    for (int hh = 0; hh < 2; hh++) {
+        const int i = w0 + g + 8 * hh;
+        neg_lse2[hh] = i < p.S ? -p.lse[(size_t)head * p.S + i] * kLog2e : 0.0f;
+        dl[hh] = i < p.S ? p.delta[(size_t)head * p.S + i] : 0.0f;
+    }
+}
+
 // The passes' ends for one warp's 16 rows from row0: dk = scale · dK and dv = dV for keys below S (a masked key,
 // bit r of warp_bits clear, gets zeros); dq = scale · dQ for queries below S.
 template <int HS>
@@ -2238,8 +2252,7 @@ struct DkdvKeys {
 };
 __device__ __forceinline__ DkdvKeys dkdv_keys(const BackwardParams& p, const BackwardHead& in, int head, int tile) {
     const int warp = threadIdx.x / 32, k0 = tile * 64;
-    const int* mask = p.key_mask ? p.key_mask + in.seq * p.S : nullptr;
-    const uint64_t block_bits = key_bits<64>(mask, k0, p.S);
+    const uint64_t block_bits = key_bits<64>(in.mask, k0, p.S);
     return {k0, k0 + 16 * warp, p.lse + (size_t)head * p.S, p.delta + (size_t)head * p.S, block_bits,
             (uint32_t)(block_bits >> (16 * warp)) & 0xffffu};
 }
@@ -2323,11 +2336,10 @@ __device__ __forceinline__ void backward_dq_block(const BackwardParams& p, int h
     using C = BackwardConfig<HS>;
     using T = Tile<HS>;
     constexpr int BK = C::kTile, kLd = C::kLd;
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4;
+    const int warp = threadIdx.x / 32;
     const int S = p.S;
     const BackwardHead in = backward_head<HS>(p, head);
     const int q0 = tile * C::kBlock, w0 = q0 + 16 * warp;
-    const int* mask = p.key_mask ? p.key_mask + in.seq * S : nullptr;
     const int key_end = imin(q0 + C::kBlock, S);               // keys past the block's last query: invisible
     const int n_tiles = (key_end + BK - 1) / BK;
 
@@ -2338,19 +2350,13 @@ __device__ __forceinline__ void backward_dq_block(const BackwardParams& p, int h
 
     load_tile<HS, C::kBlock>(s_q, in.q, HS, q0, [&](int r) { return q0 + r < S; });
     load_tile<HS, C::kBlock>(s_do, in.dout, in.dout_stride, q0, [&](int r) { return q0 + r < S; });
-    uint64_t bits_next = key_bits<BK>(mask, 0, S);
+    uint64_t bits_next = key_bits<BK>(in.mask, 0, S);
     load_tile<HS, BK>(s_k(0), in.k, HS, 0, [&](int r) { return (bits_next >> r) & 1; });
     load_tile<HS, BK>(s_v(0), in.v, HS, 0, [&](int r) { return (bits_next >> r) & 1; });
     cp_async_commit();
 
-    // Row statistics of this thread's rows w0 + g + 8hh, in the log2 domain.
     float neg_lse2[2], dl[2];
-#pragma unroll
-    for (int hh = 0; hh < 2; hh++) {
-        const int i = w0 + g + 8 * hh;
-        neg_lse2[hh] = i < S ? -p.lse[(size_t)head * S + i] * kLog2e : 0.0f;
-        dl[hh] = i < S ? p.delta[(size_t)head * S + i] : 0.0f;
-    }
+    dq_row_stats(p, head, w0, neg_lse2, dl);
     float dq[1][HS / 8][4];
     zero(dq[0]);
     uint32_t qf[1][HS / 16][4], of[1][HS / 16][4];   // used when kDqFragsInRegisters
@@ -2359,7 +2365,7 @@ __device__ __forceinline__ void backward_dq_block(const BackwardParams& p, int h
         const int stage = kt % 2, j0 = kt * BK;
         const uint64_t bits = bits_next;
         if (kt + 1 < n_tiles) {
-            bits_next = key_bits<BK>(mask, j0 + BK, S);
+            bits_next = key_bits<BK>(in.mask, j0 + BK, S);
             load_tile<HS, BK>(s_k(1 - stage), in.k, HS, j0 + BK, [&](int r) { return (bits_next >> r) & 1; });
             load_tile<HS, BK>(s_v(1 - stage), in.v, HS, j0 + BK, [&](int r) { return (bits_next >> r) & 1; });
         }
@@ -2410,7 +2416,7 @@ struct WgmmaBackwardConfig {
     static constexpr uint32_t kDkdvSmemBytes = kStats + 2 * kStatsBytes + 1024;   // + room to align the base
     static constexpr uint32_t kDqSmemBytes = kStats + 1024;
     // Blocks per SM the register allocation must allow. nvcc 13: dk/dv (four 64 x 64 accumulators: dK, dV, S^T, dP^T)
-    // 192 registers uncapped, 166 at 3 blocks without spill; dq 136 uncapped, 128 at 4 blocks with 4 bytes of spill.
+    // 192 registers uncapped, 166 at 3 blocks without spill; dq 136 uncapped, 128 at 4 blocks without spill.
     // Backward at vanilla_160's shape (dev/attention): 0.512 ms at (2, 3) blocks, 0.488 at (3, 3), 0.468 at (3, 4).
     static constexpr int kDkdvMinBlocks = 3, kDqMinBlocks = 4;
 };
@@ -2489,13 +2495,12 @@ __device__ __forceinline__ void backward_dkdv_block_wgmma(const BackwardParams& 
 __device__ __forceinline__ void backward_dq_block_wgmma(const BackwardParams& p, int head, int tile) {
     using C = WgmmaBackwardConfig;
     constexpr int HS = 64, BK = C::kTile;
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4;
+    const int warp = threadIdx.x / 32;
     const int S = p.S;
     const BackwardHead in = backward_head<HS>(p, head);
     const int q0 = tile * C::kBlock, w0 = q0 + 16 * warp;
-    const int* mask = p.key_mask ? p.key_mask + in.seq * S : nullptr;
-    const int q_last = imin(q0 + C::kBlock, S) - 1;
-    const int n_tiles = (q_last + BK) / BK;                    // keys past the block's last query: invisible
+    const int key_end = imin(q0 + C::kBlock, S);               // keys past the block's last query: invisible
+    const int n_tiles = (key_end + BK - 1) / BK;
 
     const uint32_t smem = (smem_address(dynamic_smem()) + 1023u) & ~1023u;
     const uint32_t s_q = smem, s_do = smem + C::kTileBytes;
@@ -2504,19 +2509,13 @@ __device__ __forceinline__ void backward_dq_block_wgmma(const BackwardParams& p,
 
     load_tile_sw128<C::kBlock>(s_q, in.q, HS, q0, [&](int r) { return q0 + r < S; });
     load_tile_sw128<C::kBlock>(s_do, in.dout, in.dout_stride, q0, [&](int r) { return q0 + r < S; });
-    uint64_t bits_next = key_bits<BK>(mask, 0, S);
+    uint64_t bits_next = key_bits<BK>(in.mask, 0, S);
     load_tile_sw128<BK>(s_k(0), in.k, HS, 0, [&](int r) { return (bits_next >> r) & 1; });
     load_tile_sw128<BK>(s_v(0), in.v, HS, 0, [&](int r) { return (bits_next >> r) & 1; });
     cp_async_commit();
 
-    // Row statistics of this thread's rows w0 + g + 8hh, in the log2 domain.
     float neg_lse2[2], dl[2];
-#pragma unroll
-    for (int hh = 0; hh < 2; hh++) {
-        const int i = w0 + g + 8 * hh;
-        neg_lse2[hh] = i < S ? -p.lse[(size_t)head * S + i] * kLog2e : 0.0f;
-        dl[hh] = i < S ? p.delta[(size_t)head * S + i] : 0.0f;
-    }
+    dq_row_stats(p, head, w0, neg_lse2, dl);
     float dq[HS / 8][4];
     zero(dq);
 
@@ -2524,7 +2523,7 @@ __device__ __forceinline__ void backward_dq_block_wgmma(const BackwardParams& p,
         const int stage = kt % 2, j0 = kt * BK;
         const uint64_t bits = bits_next;
         if (kt + 1 < n_tiles) {
-            bits_next = key_bits<BK>(mask, j0 + BK, S);
+            bits_next = key_bits<BK>(in.mask, j0 + BK, S);
             load_tile_sw128<BK>(s_k(1 - stage), in.k, HS, j0 + BK, [&](int r) { return (bits_next >> r) & 1; });
             load_tile_sw128<BK>(s_v(1 - stage), in.v, HS, j0 + BK, [&](int r) { return (bits_next >> r) & 1; });
         }
