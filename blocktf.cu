@@ -28,6 +28,8 @@
 #include <vector>
 #include <cublasLt.h>
 #include <cublas_v2.h>
+#include <cuda.h>   // CUtensorMap (the TMA descriptor type); the driver is not linked
+#include <cudaTypedefs.h>   // PFN_cuTensorMapEncodeTiled
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 #include "loader.h"   // defines: JSON, safetensors reading and writing, bf16 conversion
@@ -1415,8 +1417,8 @@ inline void small_attention_backward(floatX* dq, floatX* dk, floatX* dv, const f
 //
 // Measured on the H200 (dev/attention/run.sh; nseq 8, NH 12, S 2048, HS 64, FLOPs counted causal): forward 216
 // TFLOP/s, backward 182 TFLOP/s counted as 2.5x the forward's FLOPs, 6.2x and 5.5x the matmul path; the prefill
-// 34-41x attention_cached (dev/NOTES.md). The wgmma kernels at that shape: forward 0.193 ms (268 TFLOP/s), backward
-// 0.468 ms (276 TFLOP/s counted), against 0.237 and 0.710 ms here.
+// 34-41x attention_cached (dev/NOTES.md). The wgmma kernels at that shape: forward 0.182 ms (283 TFLOP/s), backward
+// 0.416 ms (310 TFLOP/s counted), against 0.237 and 0.710 ms here.
 
 namespace flash {
 
@@ -1869,13 +1871,17 @@ __device__ __forceinline__ void forward_block(const ForwardParams& p, int head, 
 //     repeated over N / 8 column tiles, and an A fragment in registers is mma.m16n8k16's A fragment (PTX ISA, "Register
 //     Fragments and Shared Memory Matrix Layouts" of wgmma): the mask, the online softmax and the store are
 //     forward_block's, per warp. Skips are decided per block (all 128 threads issue a wgmma, or none).
+//   - Tiles arrive by TMA (namespace tma below): one thread issues a 64-row copy, the hardware swizzles it, and the
+//     block waits on an mbarrier. The cp.async version spent ~100 of the forward loop's ~450 PTX instructions forming
+//     addresses and zero-fill predicates for 16-byte copies (forward 0.193 -> 0.182 ms, backward 0.466 -> 0.416).
 // Ordering rules: wgmma.fence before the first wgmma that reads registers written by ordinary instructions (the P
-// fragments, the rescaled O); cp.async writes reach wgmma (the async proxy) after fence.proxy.async and the block
-// barrier; an accumulator is read only after wgmma.wait_group, and fence_registers keeps the compiler from moving
-// ordinary reads or writes of it across the asynchronous region. Register A operands are used once: held across loop
-// iterations (Q fragments, in a first version), ptxas gave their registers to other values after the first wgmma
-// that read them, and every key tile after the first got wrong scores.
-// Measured (dev/attention, vanilla_160's shape): 0.193 ms, 268 TFLOP/s, against 0.237 ms for forward_block.
+// fragments, the rescaled O); TMA writes are in wgmma's (async) proxy and visible once the mbarrier phase completes,
+// ordinary shared-memory writes (zeroed rows) only after fence.proxy.async and the block barrier; an accumulator is
+// read only after wgmma.wait_group, and fence_registers keeps the compiler from moving ordinary reads or writes of it
+// across the asynchronous region. Register A operands are used once: held across loop iterations (Q fragments, in a
+// first version), ptxas gave their registers to other values after the first wgmma that read them, and every key
+// tile after the first got wrong scores.
+// Measured (dev/attention, vanilla_160's shape): 0.182 ms, 283 TFLOP/s, against 0.237 ms for forward_block.
 
 #ifdef BLOCKTF_SM90A
 namespace wgmma {
@@ -1973,27 +1979,67 @@ __device__ __forceinline__ void accumulate_product(float (&acc)[8][4], const flo
 
 }  // namespace wgmma
 
-// Block-cooperative cp.async of rows [row0, row0 + kRows) of a matrix of 64 bf16 columns whose row j starts at src +
-// j * stride (16-byte aligned) into the 128-byte-swizzled tile at shared address dst (1024-byte aligned). Row row0 + r
-// is copied when valid(r), else zero-filled.
-template <int kRows, typename Valid>
-__device__ __forceinline__ void load_tile_sw128(uint32_t dst, const bf16* src, size_t stride, int row0, Valid valid) {
-    constexpr int kChunks = kRows * 8;
-    static_assert(kChunks % kThreads == 0, "whole rounds of chunks");
-#pragma unroll
-    for (int u = 0; u < kChunks / kThreads; u++) {
-        const int index = u * kThreads + threadIdx.x;
-        const int r = index / 8, c = index % 8;
-        const bool ok = valid(r);
-        cp_async_16(dst + r * 128 + ((c ^ (r % 8)) * 16), src + (ok ? (size_t)(row0 + r) * stride + c * 8 : 0), ok ? 16 : 0);
-    }
+// Tiles arrive by the Tensor Memory Accelerator (TMA): one thread issues a copy of a whole 64-row box described by a
+// tensor map (built on the host, passed as a __grid_constant__ kernel parameter), the hardware writes it into shared
+// memory already in the 128-byte swizzle layout and zero-fills rows past the tensor's end, and the copy's bytes are
+// counted on an mbarrier in shared memory. Each pipeline stage has one mbarrier; filling a stage is one phase of it:
+// the issuing thread arrives with the number of bytes to expect (expect_bytes), the copies count them down, and the
+// phase completes when all have landed; everyone waits for the phase's parity (wait). Before a stage is refilled the
+// block passes a barrier, so its wgmma reads (waited for) and ordinary reads of the old contents are done.
+namespace tma {
+
+// A tensor of rows of 64 bf16 (one head's row of q, k, v or dout) indexed (seq, head, row), with arbitrary strides:
+// the map's dimensions are (64, heads, rows, nseq) when heads are interleaved in a row (the merged layout, the
+// smaller stride first) and (64, rows, heads, nseq) otherwise.
+struct RowsMap {
+    CUtensorMap map;
+    int heads_inner;
+};
+
+__device__ __forceinline__ void init(uint32_t bar) { asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;\n" ::"r"(bar) : "memory"); }
+// Makes initialised mbarriers visible to the TMA unit (then a block barrier makes them visible to the block).
+__device__ __forceinline__ void fence_init() { asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory"); }
+// The one arrival of a phase, announcing the bytes its copies will deliver.
+__device__ __forceinline__ void expect_bytes(uint32_t bar, uint32_t bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
 }
+__device__ __forceinline__ void wait(uint32_t bar, uint32_t parity) {
+    asm volatile(
+        "{\n.reg .pred done;\nwaiting_%=:\nmbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n@!done bra waiting_%=;\n}\n" ::"r"(bar),
+        "r"(parity)
+        : "memory");
+}
+
+// Rows row0 .. row0 + 63 of head h of sequence seq into the 8 KB tile at dst (1024-byte aligned), counted on bar.
+__device__ __forceinline__ void load_rows(uint32_t dst, const RowsMap& m, int row0, int h, int seq, uint32_t bar) {
+    const int c1 = m.heads_inner ? h : row0, c2 = m.heads_inner ? row0 : h;
+    asm volatile("cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4, %5}], [%6];\n" ::"r"(dst),
+                 "l"(reinterpret_cast<uint64_t>(&m.map)), "r"(0), "r"(c1), "r"(c2), "r"(seq), "r"(bar)
+                 : "memory");
+}
+constexpr uint32_t kRowsBytes = 64 * 64 * 2;
+
+// Zeroes, block-cooperatively, the rows r of a landed 64-row tile whose bit r of visible is 0, and makes the zeros
+// visible to wgmma. A masked key's row of V may hold anything (a generation cache slot never written, NaN in the
+// tests), and its probability 0 times NaN would reach the output; rows past the tensor's end arrive as zeros.
+__device__ __forceinline__ void zero_invisible_rows(uint32_t tile, uint64_t visible) {
+    static_assert(64 * 8 % kThreads == 0, "whole rounds of 16-byte chunks");
+#pragma unroll
+    for (int u = 0; u < 64 * 8 / kThreads; u++) {
+        const int index = u * kThreads + threadIdx.x, r = index / 8;
+        if (!((visible >> r) & 1)) asm volatile("st.shared.v4.b32 [%0], {%1, %1, %1, %1};\n" ::"r"(tile + 16 * index), "r"(0) : "memory");
+    }
+    wgmma::fence_async_shared();
+    __syncthreads();
+}
+
+}  // namespace tma
 
 struct WgmmaForwardConfig {
     static constexpr int kBlockM = 64;   // queries per block: one warpgroup (the block's 4 warps), 16 a warp
     static constexpr int kBlockN = 64;   // keys per tile
-    // Blocks per SM the register allocation must allow (__launch_bounds__): 4, up to 128 registers (120 used, no
-    // spill; 0.193 ms at vanilla_160's shape against 0.197 at 3 blocks).
+    // Blocks per SM the register allocation must allow (__launch_bounds__): 4, up to 128 registers (109 used, no
+    // spill; with cp.async loads 0.193 ms at vanilla_160's shape against 0.197 at 3 blocks).
     static constexpr int kMinBlocks = 4;
     // Shared memory from a 1024-byte aligned base, every tile 128-byte swizzled (8 KB): Q, then stage s = 0, 1: K, V.
     static constexpr uint32_t kTileBytes = 64 * 128;
@@ -2003,28 +2049,44 @@ struct WgmmaForwardConfig {
     static constexpr uint32_t kSmemBytes = kStage0 + 2 * kStageBytes + 1024;   // + room to align the base
 };
 
+// The forward's tensor maps: q (rows n_q), k and v (rows kv_len).
+struct ForwardMaps {
+    tma::RowsMap q, k, v;
+};
+
 // Block (head = seq * NH + h, query tile) of the forward, wgmma version (see above; the scheme: forward_block).
-__device__ __forceinline__ void forward_block_wgmma(const ForwardParams& p, int head, int tile) {
+__device__ __forceinline__ void forward_block_wgmma(const ForwardParams& p, const ForwardMaps& maps, int head, int tile) {
     using C = WgmmaForwardConfig;
     constexpr int HS = 64, BN = C::kBlockN;
     const int warp = threadIdx.x / 32;
     const int q0 = tile * C::kBlockM;
     const ForwardHead in = forward_head<C::kBlockM, BN>(p, head, q0);
-    const bf16 *q = in.q, *k = in.k, *v = in.v;
     const int* mask = in.mask;
-    const int q_last = in.q_last, n_tiles = in.n_tiles;
+    const int q_last = in.q_last, n_tiles = in.n_tiles, h = in.h, seq = (int)in.seq;
     const uint32_t smem = (smem_address(dynamic_smem()) + 1023u) & ~1023u;
     const uint32_t s_q = smem + C::kQ;
     auto s_k = [&](int stage) { return smem + C::kStage0 + stage * C::kStageBytes; };
     auto s_v = [&](int stage) { return s_k(stage) + C::kTileBytes; };
+    __shared__ alignas(8) uint64_t landed[2];   // stage s's tiles have arrived (an mbarrier each)
+    auto bar = [&](int stage) { return smem_address(&landed[stage]); };
     const int w0 = q0 + 16 * warp;   // the warp's queries w0 .. w0 + 15 (absolute indices)
 
-    // Prologue: Q and key tile 0, one commit group.
-    load_tile_sw128<C::kBlockM>(s_q, q, p.q_row_stride, q0, [&](int r) { return q0 + r < p.n_q; });
+    // Key tile kt into stage kt % 2 (Q too with tile 0), issued by one thread.
+    auto load_key_tile = [&](int kt) {
+        const int stage = kt % 2;
+        tma::expect_bytes(bar(stage), (kt == 0 ? 3 : 2) * tma::kRowsBytes);
+        if (kt == 0) tma::load_rows(s_q, maps.q, q0, h, seq, bar(stage));
+        tma::load_rows(s_k(stage), maps.k, kt * BN, h, seq, bar(stage));
+        tma::load_rows(s_v(stage), maps.v, kt * BN, h, seq, bar(stage));
+    };
+    if (threadIdx.x == 0) {
+        tma::init(bar(0));
+        tma::init(bar(1));
+        tma::fence_init();
+        load_key_tile(0);
+    }
+    __syncthreads();
     uint64_t bits_next = key_bits<BN>(mask, 0, p.kv_len);
-    load_tile_sw128<BN>(s_k(0), k, HS, 0, [&](int r) { return (bits_next >> r) & 1; });
-    load_tile_sw128<BN>(s_v(0), v, HS, 0, [&](int r) { return (bits_next >> r) & 1; });
-    cp_async_commit();
 
     float o[HS / 8][4];
     float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};   // per row half hh, as in forward_block
@@ -2033,18 +2095,15 @@ __device__ __forceinline__ void forward_block_wgmma(const ForwardParams& p, int 
     for (int kt = 0; kt < n_tiles; kt++) {
         const int stage = kt % 2, k0 = kt * BN;
         const uint64_t bits = bits_next;
-        if (kt + 1 < n_tiles) {
+        if (kt + 1 < n_tiles) {   // into the stage iteration kt - 1 read
             bits_next = key_bits<BN>(mask, k0 + BN, p.kv_len);
-            load_tile_sw128<BN>(s_k(1 - stage), k, HS, k0 + BN, [&](int r) { return (bits_next >> r) & 1; });
-            load_tile_sw128<BN>(s_v(1 - stage), v, HS, k0 + BN, [&](int r) { return (bits_next >> r) & 1; });
+            if (threadIdx.x == 0) load_key_tile(kt + 1);
         }
-        cp_async_commit();
-        cp_async_wait<1>();
-        wgmma::fence_async_shared();
-        __syncthreads();
+        tma::wait(bar(stage), (kt / 2) % 2);
 
         // Block-uniform skips (the block is the warpgroup): no visible key, every key after every query.
         if (bits != 0 && k0 <= q_last + p.offset) {
+            if (bits != all_bits<BN>()) tma::zero_invisible_rows(s_v(stage), bits);
             float s[BN / 8][4];
             wgmma::fence();
             wgmma::issue_abt(s, s_q, s_k(stage));   // S = Q K^T
@@ -2416,16 +2475,22 @@ struct WgmmaBackwardConfig {
     static constexpr uint32_t kDkdvSmemBytes = kStats + 2 * kStatsBytes + 1024;   // + room to align the base
     static constexpr uint32_t kDqSmemBytes = kStats + 1024;
     // Blocks per SM the register allocation must allow. nvcc 13: dk/dv (four 64 x 64 accumulators: dK, dV, S^T, dP^T)
-    // 192 registers uncapped, 166 at 3 blocks without spill; dq 136 uncapped, 128 at 4 blocks without spill.
-    // Backward at vanilla_160's shape (dev/attention): 0.512 ms at (2, 3) blocks, 0.488 at (3, 3), 0.468 at (3, 4).
+    // 160 registers at 3 blocks, dq 123 at 4, no spill. Backward at vanilla_160's shape (dev/attention, with cp.async
+    // loads then): 0.512 ms at (2, 3) blocks, 0.488 at (3, 3), 0.468 at (3, 4); 0.416 with TMA at (3, 4).
     static constexpr int kDkdvMinBlocks = 3, kDqMinBlocks = 4;
 };
 
+// The backward's tensor maps: q, k, v, dout (rows S). The dk/dv pass's row statistics (lse, δ of a query tile) come
+// by cp.async: a head's 64 floats start at any 4-byte boundary, and TMA copies start at 16-byte ones.
+struct BackwardMaps {
+    tma::RowsMap q, k, v, dout;
+};
+
 // dk/dv pass, block (head, key tile of 64 keys); warp w owns keys k0 + 16w .. k0 + 16w + 15.
-__device__ __forceinline__ void backward_dkdv_block_wgmma(const BackwardParams& p, int head, int tile) {
+__device__ __forceinline__ void backward_dkdv_block_wgmma(const BackwardParams& p, const BackwardMaps& maps, int head, int tile) {
     using C = WgmmaBackwardConfig;
     constexpr int HS = 64, BQ = C::kTile;
-    const int S = p.S;
+    const int S = p.S, h = head % p.NH, seq = head / p.NH;
     const BackwardHead in = backward_head<HS>(p, head);
     const DkdvKeys keys = dkdv_keys(p, in, head, tile);
     const int k0 = keys.k0, w0 = keys.w0;
@@ -2437,6 +2502,8 @@ __device__ __forceinline__ void backward_dkdv_block_wgmma(const BackwardParams& 
     auto s_do = [&](int stage) { return s_q(stage) + C::kTileBytes; };
     auto s_stats = [&](int stage) { return smem + C::kStats + stage * C::kStatsBytes; };   // lse, then δ
     auto stats_tile = [&](int stage) { return reinterpret_cast<const float*>(smem_ptr + (s_stats(stage) - smem_raw)); };
+    __shared__ alignas(8) uint64_t landed[2];   // stage s's tiles have arrived (an mbarrier each)
+    auto bar = [&](int stage) { return smem_address(&landed[stage]); };
 
     float dk[HS / 8][4], dv[HS / 8][4];   // rows: the warp's 16 keys
     zero(dk);
@@ -2444,23 +2511,37 @@ __device__ __forceinline__ void backward_dkdv_block_wgmma(const BackwardParams& 
     if (keys.block_bits != 0) {   // block-uniform; otherwise every key of the block is masked and dk = dv = 0
         const int q_begin = k0;                            // earlier queries see none of the block's keys
         const int n_tiles = (S - q_begin + BQ - 1) / BQ;   // >= 1: k0 < S
-        auto load_query_tile = [&](int stage, int i0) {
-            load_tile_sw128<BQ>(s_q(stage), in.q, HS, i0, [&](int r) { return i0 + r < S; });
-            load_tile_sw128<BQ>(s_do(stage), in.dout, in.dout_stride, i0, [&](int r) { return i0 + r < S; });
+        // Query tile qt into stage qt % 2 (the block's K and V too with tile 0): the tiles issued by one thread, the
+        // row statistics by every thread (one cp.async group; waited for before the block barrier that precedes
+        // their use).
+        auto load_query_tile = [&](int qt) {
+            const int stage = qt % 2, i0 = q_begin + qt * BQ;
+            if (threadIdx.x == 0) {
+                tma::expect_bytes(bar(stage), (qt == 0 ? 4 : 2) * tma::kRowsBytes);
+                if (qt == 0) {
+                    tma::load_rows(s_k, maps.k, k0, h, seq, bar(stage));
+                    tma::load_rows(s_v, maps.v, k0, h, seq, bar(stage));
+                }
+                tma::load_rows(s_q(stage), maps.q, i0, h, seq, bar(stage));
+                tma::load_rows(s_do(stage), maps.dout, i0, h, seq, bar(stage));
+            }
             load_row_stats(s_stats(stage), s_stats(stage) + 4 * BQ, keys.lse, keys.delta, i0, BQ, S);
+            cp_async_commit();
         };
-        load_tile_sw128<C::kBlock>(s_k, in.k, HS, k0, [&](int r) { return (keys.block_bits >> r) & 1; });
-        load_tile_sw128<C::kBlock>(s_v, in.v, HS, k0, [&](int r) { return (keys.block_bits >> r) & 1; });
-        load_query_tile(0, q_begin);
-        cp_async_commit();
+        if (threadIdx.x == 0) {
+            tma::init(bar(0));
+            tma::init(bar(1));
+            tma::fence_init();
+        }
+        __syncthreads();
+        load_query_tile(0);
+        cp_async_wait<0>();
+        __syncthreads();
 
         for (int qt = 0; qt < n_tiles; qt++) {
             const int stage = qt % 2, i0 = q_begin + qt * BQ;
-            if (qt + 1 < n_tiles) load_query_tile(1 - stage, i0 + BQ);   // the stage read in iteration qt - 1
-            cp_async_commit();
-            cp_async_wait<1>();
-            wgmma::fence_async_shared();
-            __syncthreads();
+            if (qt + 1 < n_tiles) load_query_tile(qt + 1);   // into the stage iteration qt - 1 read
+            tma::wait(bar(stage), (qt / 2) % 2);
             float st[BQ / 8][4], dpt[BQ / 8][4];   // element (key w0 + g + 8(e/2), query i0 + c)
             wgmma::fence();
             wgmma::issue_abt(st, s_k, s_q(stage));     // S^T = K Q^T
@@ -2485,18 +2566,19 @@ __device__ __forceinline__ void backward_dkdv_block_wgmma(const BackwardParams& 
             wgmma::wait_all();
             wgmma::fence_registers(dv);
             wgmma::fence_registers(dk);
-            __syncthreads();   // every warp is done with this stage before iteration qt + 1 refills it
+            cp_async_wait<0>();   // the next tile's row statistics
+            __syncthreads();      // every warp is done with this stage before iteration qt + 1 refills it
         }
     }
     store_dkdv_rows<HS>(p, in, w0, keys.warp_bits, dk, dv);
 }
 
 // dq pass, block (head, query tile of 64 queries); warp w owns queries q0 + 16w .. q0 + 16w + 15.
-__device__ __forceinline__ void backward_dq_block_wgmma(const BackwardParams& p, int head, int tile) {
+__device__ __forceinline__ void backward_dq_block_wgmma(const BackwardParams& p, const BackwardMaps& maps, int head, int tile) {
     using C = WgmmaBackwardConfig;
     constexpr int HS = 64, BK = C::kTile;
     const int warp = threadIdx.x / 32;
-    const int S = p.S;
+    const int S = p.S, h = head % p.NH, seq = head / p.NH;
     const BackwardHead in = backward_head<HS>(p, head);
     const int q0 = tile * C::kBlock, w0 = q0 + 16 * warp;
     const int key_end = imin(q0 + C::kBlock, S);               // keys past the block's last query: invisible
@@ -2506,13 +2588,28 @@ __device__ __forceinline__ void backward_dq_block_wgmma(const BackwardParams& p,
     const uint32_t s_q = smem, s_do = smem + C::kTileBytes;
     auto s_k = [&](int stage) { return smem + C::kStage0 + stage * C::kStageBytes; };
     auto s_v = [&](int stage) { return s_k(stage) + C::kTileBytes; };
+    __shared__ alignas(8) uint64_t landed[2];   // stage s's tiles have arrived (an mbarrier each)
+    auto bar = [&](int stage) { return smem_address(&landed[stage]); };
 
-    load_tile_sw128<C::kBlock>(s_q, in.q, HS, q0, [&](int r) { return q0 + r < S; });
-    load_tile_sw128<C::kBlock>(s_do, in.dout, in.dout_stride, q0, [&](int r) { return q0 + r < S; });
+    // Key tile kt into stage kt % 2 (the block's Q and dO too with tile 0), issued by one thread.
+    auto load_key_tile = [&](int kt) {
+        const int stage = kt % 2;
+        tma::expect_bytes(bar(stage), (kt == 0 ? 4 : 2) * tma::kRowsBytes);
+        if (kt == 0) {
+            tma::load_rows(s_q, maps.q, q0, h, seq, bar(stage));
+            tma::load_rows(s_do, maps.dout, q0, h, seq, bar(stage));
+        }
+        tma::load_rows(s_k(stage), maps.k, kt * BK, h, seq, bar(stage));
+        tma::load_rows(s_v(stage), maps.v, kt * BK, h, seq, bar(stage));
+    };
+    if (threadIdx.x == 0) {
+        tma::init(bar(0));
+        tma::init(bar(1));
+        tma::fence_init();
+        load_key_tile(0);
+    }
+    __syncthreads();
     uint64_t bits_next = key_bits<BK>(in.mask, 0, S);
-    load_tile_sw128<BK>(s_k(0), in.k, HS, 0, [&](int r) { return (bits_next >> r) & 1; });
-    load_tile_sw128<BK>(s_v(0), in.v, HS, 0, [&](int r) { return (bits_next >> r) & 1; });
-    cp_async_commit();
 
     float neg_lse2[2], dl[2];
     dq_row_stats(p, head, w0, neg_lse2, dl);
@@ -2522,15 +2619,11 @@ __device__ __forceinline__ void backward_dq_block_wgmma(const BackwardParams& p,
     for (int kt = 0; kt < n_tiles; kt++) {
         const int stage = kt % 2, j0 = kt * BK;
         const uint64_t bits = bits_next;
-        if (kt + 1 < n_tiles) {
+        if (kt + 1 < n_tiles) {   // into the stage iteration kt - 1 read
             bits_next = key_bits<BK>(in.mask, j0 + BK, S);
-            load_tile_sw128<BK>(s_k(1 - stage), in.k, HS, j0 + BK, [&](int r) { return (bits_next >> r) & 1; });
-            load_tile_sw128<BK>(s_v(1 - stage), in.v, HS, j0 + BK, [&](int r) { return (bits_next >> r) & 1; });
+            if (threadIdx.x == 0) load_key_tile(kt + 1);
         }
-        cp_async_commit();
-        cp_async_wait<1>();
-        wgmma::fence_async_shared();
-        __syncthreads();
+        tma::wait(bar(stage), (kt / 2) % 2);
         if (bits != 0) {   // block-uniform skip: no visible key (key tiles after the last query are not visited)
             float s[BK / 8][4], dp[BK / 8][4];   // element (query w0 + g + 8(e/2), key j0 + c)
             wgmma::fence();
@@ -2644,14 +2737,18 @@ __global__ void __launch_bounds__(kThreads, ForwardConfig<HS>::kMinBlocks) forwa
     forward_block<HS>(p, blockIdx.x, longest_first(blockIdx.y, gridDim.y));
 }
 #ifdef BLOCKTF_SM90A
-__global__ void __launch_bounds__(kThreads, WgmmaForwardConfig::kMinBlocks) forward_wgmma_kernel(const ForwardParams p) {
-    forward_block_wgmma(p, blockIdx.x, longest_first(blockIdx.y, gridDim.y));
+// The tensor maps are __grid_constant__: TMA reads them from the kernel's parameter space, by address.
+__global__ void __launch_bounds__(kThreads, WgmmaForwardConfig::kMinBlocks)
+    forward_wgmma_kernel(const ForwardParams p, const __grid_constant__ ForwardMaps maps) {
+    forward_block_wgmma(p, maps, blockIdx.x, longest_first(blockIdx.y, gridDim.y));
 }
-__global__ void __launch_bounds__(kThreads, WgmmaBackwardConfig::kDkdvMinBlocks) backward_dkdv_wgmma_kernel(const BackwardParams p) {
-    backward_dkdv_block_wgmma(p, blockIdx.x, blockIdx.y);
+__global__ void __launch_bounds__(kThreads, WgmmaBackwardConfig::kDkdvMinBlocks)
+    backward_dkdv_wgmma_kernel(const BackwardParams p, const __grid_constant__ BackwardMaps maps) {
+    backward_dkdv_block_wgmma(p, maps, blockIdx.x, blockIdx.y);
 }
-__global__ void __launch_bounds__(kThreads, WgmmaBackwardConfig::kDqMinBlocks) backward_dq_wgmma_kernel(const BackwardParams p) {
-    backward_dq_block_wgmma(p, blockIdx.x, longest_first(blockIdx.y, gridDim.y));
+__global__ void __launch_bounds__(kThreads, WgmmaBackwardConfig::kDqMinBlocks)
+    backward_dq_wgmma_kernel(const BackwardParams p, const __grid_constant__ BackwardMaps maps) {
+    backward_dq_block_wgmma(p, maps, blockIdx.x, longest_first(blockIdx.y, gridDim.y));
 }
 #endif
 template <int HS>
@@ -2691,14 +2788,57 @@ inline void check_flash_args(const char* who, int nseq, int n_q, int NH, int HS,
 }
 
 namespace flash {
+#ifdef BLOCKTF_SM90A
+// Tensor maps (TMA descriptors) are made by the driver's cuTensorMapEncodeTiled, found through the runtime so that
+// nothing links the driver library.
+inline PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
+    static const PFN_cuTensorMapEncodeTiled_v12000 encode = [] {
+        void* function = nullptr;
+        cudaDriverEntryPointQueryResult found{};
+        cudaCheck(cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &function, 12000, cudaEnableDefault, &found));
+        if (found != cudaDriverEntryPointSuccess || !function) throw std::runtime_error("the CUDA driver has no cuTensorMapEncodeTiled");
+        return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(function);
+    }();
+    return encode;
+}
+inline void encode_tensor_map(CUtensorMap* map, CUtensorMapDataType type, cuuint32_t rank, const void* base, const cuuint64_t* dims,
+                              const cuuint64_t* byte_strides, const cuuint32_t* box, CUtensorMapSwizzle swizzle, const char* who) {
+    const cuuint32_t element_strides[4] = {1, 1, 1, 1};
+    const CUresult result = tensor_map_encoder()(map, type, rank, const_cast<void*>(base), dims, byte_strides, box, element_strides,
+                                                 CU_TENSOR_MAP_INTERLEAVE_NONE, swizzle, CU_TENSOR_MAP_L2_PROMOTION_L2_128B,
+                                                 CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+    if (result != CUDA_SUCCESS) throw std::runtime_error(std::string(who) + ": cuTensorMapEncodeTiled failed (CUresult " + std::to_string((int)result) + ")");
+}
+
+// Row (seq, h, i) of 64 bf16 at base + seq * seq_stride + h * head_stride + i * row_stride (strides in elements,
+// multiples of 8: 16 bytes), rows 0 .. rows - 1 (boxes reaching past them are zero-filled), read as 64-row tiles
+// in the 128-byte swizzle layout.
+inline tma::RowsMap rows_map(const bf16* base, int rows, size_t row_stride, int NH, size_t head_stride, int nseq, size_t seq_stride,
+                             const char* who) {
+    for (size_t stride : {row_stride, head_stride, seq_stride})
+        if (stride % 8 != 0) throw std::runtime_error(std::string(who) + ": row strides must be multiples of 16 bytes for TMA");
+    tma::RowsMap m{};
+    m.heads_inner = head_stride < row_stride;
+    const cuuint64_t dims[4] = {64, (cuuint64_t)(m.heads_inner ? NH : rows), (cuuint64_t)(m.heads_inner ? rows : NH), (cuuint64_t)nseq};
+    const cuuint64_t strides[3] = {2 * (m.heads_inner ? head_stride : row_stride), 2 * (m.heads_inner ? row_stride : head_stride), 2 * seq_stride};
+    const cuuint32_t box[4] = {64, m.heads_inner ? 1u : 64u, m.heads_inner ? 64u : 1u, 1};
+    encode_tensor_map(&m.map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 4, base, dims, strides, box, CU_TENSOR_MAP_SWIZZLE_128B, who);
+    return m;
+}
+#endif
+
 template <int HS>
 inline void launch_forward(const ForwardParams& p, int nseq, cudaStream_t stream) {
 #ifdef BLOCKTF_SM90A
     if constexpr (HS == 64) {
         using C = WgmmaForwardConfig;
-        allow_dynamic_smem(forward_wgmma_kernel, C::kSmemBytes, "flash attention forward (wgmma)");
+        const char* who = "flash attention forward (wgmma)";
+        allow_dynamic_smem(forward_wgmma_kernel, C::kSmemBytes, who);
+        const ForwardMaps maps{rows_map(p.q, p.n_q, p.q_row_stride, p.NH, p.q_head_stride, nseq, p.q_seq_stride, who),
+                               rows_map(p.k, p.kv_len, HS, p.NH, p.kv_head_stride, nseq, p.kv_seq_stride, who),
+                               rows_map(p.v, p.kv_len, HS, p.NH, p.kv_head_stride, nseq, p.kv_seq_stride, who)};
         const dim3 grid((unsigned)(nseq * p.NH), (unsigned)((p.n_q + C::kBlockM - 1) / C::kBlockM));
-        forward_wgmma_kernel<<<grid, kThreads, C::kSmemBytes, stream>>>(p);
+        forward_wgmma_kernel<<<grid, kThreads, C::kSmemBytes, stream>>>(p, maps);
         cudaCheckLaunch();
         return;
     }
@@ -2723,11 +2863,17 @@ inline void launch_backward(const BackwardParams& p, const bf16* out, float* del
     if constexpr (HS == 64) {
         using W = WgmmaBackwardConfig;
         static_assert(W::kBlock == C::kBlock, "the grid of backward_tiles");
-        allow_dynamic_smem(backward_dkdv_wgmma_kernel, W::kDkdvSmemBytes, "flash attention backward (dk, dv; wgmma)");
-        allow_dynamic_smem(backward_dq_wgmma_kernel, W::kDqSmemBytes, "flash attention backward (dq; wgmma)");
-        backward_dkdv_wgmma_kernel<<<grid, kThreads, W::kDkdvSmemBytes, stream>>>(p);
+        const char* who = "flash attention backward (wgmma)";
+        allow_dynamic_smem(backward_dkdv_wgmma_kernel, W::kDkdvSmemBytes, who);
+        allow_dynamic_smem(backward_dq_wgmma_kernel, W::kDqSmemBytes, who);
+        const size_t head_stride = (size_t)p.S * HS, seq_stride = (size_t)p.NH * head_stride;
+        const BackwardMaps maps{rows_map(p.q, p.S, HS, p.NH, head_stride, nseq, seq_stride, who),
+                                rows_map(p.k, p.S, HS, p.NH, head_stride, nseq, seq_stride, who),
+                                rows_map(p.v, p.S, HS, p.NH, head_stride, nseq, seq_stride, who),
+                                rows_map(p.dout, p.S, (size_t)p.NH * HS, p.NH, HS, nseq, seq_stride, who)};
+        backward_dkdv_wgmma_kernel<<<grid, kThreads, W::kDkdvSmemBytes, stream>>>(p, maps);
         cudaCheckLaunch();
-        backward_dq_wgmma_kernel<<<grid, kThreads, W::kDqSmemBytes, stream>>>(p);
+        backward_dq_wgmma_kernel<<<grid, kThreads, W::kDqSmemBytes, stream>>>(p, maps);
         cudaCheckLaunch();
         return;
     }
