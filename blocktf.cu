@@ -2008,9 +2008,18 @@ struct RowsMap {
     int heads_inner;
 };
 
-__device__ __forceinline__ void init(uint32_t bar) { asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;\n" ::"r"(bar) : "memory"); }
-// Makes initialised mbarriers visible to the TMA unit (then a block barrier makes them visible to the block).
-__device__ __forceinline__ void fence_init() { asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory"); }
+// The block's two stage mbarriers (static shared memory, stage s's at the returned address + 8 s), initialised by
+// thread 0 for one arrival a phase and made visible to the TMA unit; a block barrier before anyone else waits on them
+// makes them visible to the block.
+__device__ __forceinline__ uint32_t stage_barriers() {
+    __shared__ alignas(8) uint64_t barriers[2];
+    const uint32_t base = smem_address(barriers);
+    if (threadIdx.x == 0) {
+        for (int stage = 0; stage < 2; stage++) asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;\n" ::"r"(base + 8 * stage) : "memory");
+        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    }
+    return base;
+}
 // The one arrival of a phase, announcing the bytes its copies will deliver.
 __device__ __forceinline__ void expect_bytes(uint32_t bar, uint32_t bytes) {
     asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
@@ -2079,8 +2088,8 @@ __device__ __forceinline__ void forward_block_wgmma(const ForwardParams& p, cons
     const uint32_t s_q = smem + C::kQ;
     auto s_k = [&](int stage) { return smem + C::kStage0 + stage * C::kStageBytes; };
     auto s_v = [&](int stage) { return s_k(stage) + C::kTileBytes; };
-    __shared__ alignas(8) uint64_t landed[2];   // stage s's tiles have arrived (an mbarrier each)
-    auto bar = [&](int stage) { return smem_address(&landed[stage]); };
+    const uint32_t landed = tma::stage_barriers();   // stage s's tiles have arrived
+    auto bar = [&](int stage) { return landed + 8 * stage; };
     const int w0 = q0 + 16 * warp;   // the warp's queries w0 .. w0 + 15 (absolute indices)
 
     // Key tile kt into stage kt % 2 (Q too with tile 0), issued by one thread.
@@ -2091,12 +2100,7 @@ __device__ __forceinline__ void forward_block_wgmma(const ForwardParams& p, cons
         tma::load_rows(s_k(stage), maps.k, kt * BN, h, seq, bar(stage));
         tma::load_rows(s_v(stage), maps.v, kt * BN, h, seq, bar(stage));
     };
-    if (threadIdx.x == 0) {
-        tma::init(bar(0));
-        tma::init(bar(1));
-        tma::fence_init();
-        load_key_tile(0);
-    }
+    if (threadIdx.x == 0) load_key_tile(0);
     __syncthreads();
     uint64_t bits_next = key_bits<BN>(mask, 0, p.kv_len);
 
@@ -2493,7 +2497,9 @@ struct WgmmaBackwardConfig {
 };
 
 // The backward's tensor maps: q, k, v, dout (rows S). The dk/dv pass's row statistics (lse, δ of a query tile) come
-// by cp.async: a head's 64 floats start at any 4-byte boundary, and TMA copies start at 16-byte ones.
+// by cp.async: a head's 64 floats start at any 4-byte boundary, and TMA copies start at 16-byte ones. Masked keys'
+// rows of k and v arrive as they are (a training forward makes them finite): their probabilities are 0, and their
+// own dk, dv rows are written as zeros.
 struct BackwardMaps {
     tma::RowsMap q, k, v, dout;
 };
@@ -2514,8 +2520,8 @@ __device__ __forceinline__ void backward_dkdv_block_wgmma(const BackwardParams& 
     auto s_do = [&](int stage) { return s_q(stage) + C::kTileBytes; };
     auto s_stats = [&](int stage) { return smem + C::kStats + stage * C::kStatsBytes; };   // lse, then δ
     auto stats_tile = [&](int stage) { return reinterpret_cast<const float*>(smem_ptr + (s_stats(stage) - smem_raw)); };
-    __shared__ alignas(8) uint64_t landed[2];   // stage s's tiles have arrived (an mbarrier each)
-    auto bar = [&](int stage) { return smem_address(&landed[stage]); };
+    const uint32_t landed = tma::stage_barriers();   // stage s's tiles have arrived
+    auto bar = [&](int stage) { return landed + 8 * stage; };
 
     float dk[HS / 8][4], dv[HS / 8][4];   // rows: the warp's 16 keys
     zero(dk);
@@ -2540,12 +2546,7 @@ __device__ __forceinline__ void backward_dkdv_block_wgmma(const BackwardParams& 
             load_row_stats(s_stats(stage), s_stats(stage) + 4 * BQ, keys.lse, keys.delta, i0, BQ, S);
             cp_async_commit();
         };
-        if (threadIdx.x == 0) {
-            tma::init(bar(0));
-            tma::init(bar(1));
-            tma::fence_init();
-        }
-        __syncthreads();
+        __syncthreads();   // after thread 0 initialised the stage barriers (without it, racecheck reports hazards here)
         load_query_tile(0);
         cp_async_wait<0>();
         __syncthreads();
@@ -2600,8 +2601,8 @@ __device__ __forceinline__ void backward_dq_block_wgmma(const BackwardParams& p,
     const uint32_t s_q = smem, s_do = smem + C::kTileBytes;
     auto s_k = [&](int stage) { return smem + C::kStage0 + stage * C::kStageBytes; };
     auto s_v = [&](int stage) { return s_k(stage) + C::kTileBytes; };
-    __shared__ alignas(8) uint64_t landed[2];   // stage s's tiles have arrived (an mbarrier each)
-    auto bar = [&](int stage) { return smem_address(&landed[stage]); };
+    const uint32_t landed = tma::stage_barriers();   // stage s's tiles have arrived
+    auto bar = [&](int stage) { return landed + 8 * stage; };
 
     // Key tile kt into stage kt % 2 (the block's Q and dO too with tile 0), issued by one thread.
     auto load_key_tile = [&](int kt) {
@@ -2614,12 +2615,7 @@ __device__ __forceinline__ void backward_dq_block_wgmma(const BackwardParams& p,
         tma::load_rows(s_k(stage), maps.k, kt * BK, h, seq, bar(stage));
         tma::load_rows(s_v(stage), maps.v, kt * BK, h, seq, bar(stage));
     };
-    if (threadIdx.x == 0) {
-        tma::init(bar(0));
-        tma::init(bar(1));
-        tma::fence_init();
-        load_key_tile(0);
-    }
+    if (threadIdx.x == 0) load_key_tile(0);
     __syncthreads();
     uint64_t bits_next = key_bits<BK>(in.mask, 0, S);
 
