@@ -464,6 +464,50 @@ GPU_TEST_CASE("gpu: GELU forward and backward") {
     CHECK_CLOSE(download(dinp.data(), n), dinp_ref, n, kKernelTolerance);
 }
 
+// ReplayedWork (the training stacks' CUDA graphs): the first call with a key runs as ordinary launches, the second is
+// captured, later ones replay the graph and read the buffers' current contents; a new key or a reallocation of the
+// Gpu's scratch starts over. The work is one GELU on fresh input values every call, checked against the reference.
+GPU_TEST_CASE("gpu: replayed work runs eagerly, is captured, then replays; a new key or new scratch starts over") {
+    std::mt19937 rng(7);
+    const size_t n = 1000;
+    Gpu gpu;
+    ReplayedWork work;
+    TestTensor a = random_tensor(n, rng), b = random_tensor(n, rng);
+    DeviceBuffer<floatX> out(n);
+    enum class How { Eager, Captured, Replayed };
+    auto run = [&](TestTensor& x) {
+        std::normal_distribution<float> normal(0.0f, 1.0f);
+        std::vector<floatX> bits(n);
+        for (size_t i = 0; i < n; i++) {
+            bits[i] = host_floatX(normal(rng));
+            x.host[i] = host_float(bits[i]);
+        }
+        x.device.upload(bits.data(), n);   // the legacy stream's copies order with gpu.stream (a blocking stream)
+        cudaCheck(cudaMemset(out.data(), 0xFF, n * sizeof(floatX)));
+        How how = How::Replayed;
+        work.run(gpu, {x.device.data(), out.data()}, [&] {
+            cudaStreamCaptureStatus status;
+            cudaCheck(cudaStreamIsCapturing(gpu.stream, &status));
+            how = status == cudaStreamCaptureStatusActive ? How::Captured : How::Eager;
+            gelu_forward(out.data(), x.device.data(), n, gpu.stream);
+        });
+        std::vector<float> expected(n);
+        ref::gelu_forward(expected.data(), x.host.data(), n);
+        CHECK_CLOSE(download(out.data(), n), expected, n, kKernelTolerance);
+        return how;
+    };
+    CHECK(run(a) == How::Eager);
+    CHECK(run(a) == How::Captured);
+    CHECK(run(a) == How::Replayed);
+    CHECK(run(a) == How::Replayed);
+    CHECK(run(b) == How::Eager);   // another input buffer: a new key
+    CHECK(run(b) == How::Captured);
+    gpu.column_scratch(1 << 20, 1 << 12);   // the first request for column scratch allocates it
+    CHECK(run(b) == How::Eager);
+    CHECK(run(b) == How::Captured);
+    CHECK(run(b) == How::Replayed);
+}
+
 // V = 1001 takes the scalar kernel, V = 50304 (Pythia's padded vocabulary) the packed one; in row 0 every logit but
 // the target's is the same value (ties everywhere, the maximum far from the first element). The logits are floatX,
 // as the LM head writes them; the reference reads the same rounded values.
