@@ -1429,7 +1429,7 @@ inline void small_attention_backward(floatX* dq, floatX* dk, floatX* dv, const f
 //
 // Measured on the H200 (dev/attention/run.sh; nseq 8, NH 12, S 2048, HS 64, FLOPs counted causal): forward 216
 // TFLOP/s, backward 182 TFLOP/s counted as 2.5x the forward's FLOPs, 6.2x and 5.5x the matmul path; the prefill
-// 34-41x attention_cached (dev/NOTES.md). The wgmma kernels at that shape: forward 0.182 ms (283 TFLOP/s), backward
+// 34-41x attention_cached (dev/NOTES.md). The wgmma kernels at that shape: forward 0.174 ms (296 TFLOP/s), backward
 // 0.416 ms (310 TFLOP/s counted), against 0.237 and 0.710 ms here.
 
 namespace flash {
@@ -1893,7 +1893,7 @@ __device__ __forceinline__ void forward_block(const ForwardParams& p, int head, 
 // across the asynchronous region. Register A operands are used once: held across loop iterations (Q fragments, in a
 // first version), ptxas gave their registers to other values after the first wgmma that read them, and every key
 // tile after the first got wrong scores.
-// Measured (dev/attention, vanilla_160's shape): 0.182 ms, 283 TFLOP/s, against 0.237 ms for forward_block.
+// Measured (dev/attention, vanilla_160's shape): 0.174 ms, 296 TFLOP/s, against 0.237 ms for forward_block.
 
 #ifdef BLOCKTF_SM90A
 namespace wgmma {
@@ -2059,9 +2059,10 @@ __device__ __forceinline__ void zero_invisible_rows(uint32_t tile, uint64_t visi
 struct WgmmaForwardConfig {
     static constexpr int kBlockM = 64;   // queries per block: one warpgroup (the block's 4 warps), 16 a warp
     static constexpr int kBlockN = 64;   // keys per tile
-    // Blocks per SM the register allocation must allow (__launch_bounds__): 4, up to 128 registers (109 used, no
-    // spill; with cp.async loads 0.193 ms at vanilla_160's shape against 0.197 at 3 blocks).
-    static constexpr int kMinBlocks = 4;
+    // Blocks per SM the register allocation must allow (__launch_bounds__): 5, up to 102 registers (95 used, no
+    // spill), 42 KB of shared memory each. At vanilla_160's shape 0.174 / 0.175 ms against 0.181 / 0.185 at 4 blocks
+    // (109 registers; two rounds in one run): the kernel is latency-bound, and a fifth warp per scheduler hides more.
+    static constexpr int kMinBlocks = 5;
     // Shared memory from a 1024-byte aligned base, every tile 128-byte swizzled (8 KB): Q, then stage s = 0, 1: K, V.
     static constexpr uint32_t kTileBytes = 64 * 128;
     static constexpr uint32_t kQ = 0;
