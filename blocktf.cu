@@ -2038,7 +2038,6 @@ __device__ __forceinline__ void load_rows(uint32_t dst, const RowsMap& m, int ro
                  "l"(reinterpret_cast<uint64_t>(&m.map)), "r"(0), "r"(c1), "r"(c2), "r"(seq), "r"(bar)
                  : "memory");
 }
-constexpr uint32_t kRowsBytes = 64 * 64 * 2;
 
 // Zeroes, block-cooperatively, the rows r of a landed 64-row tile whose bit r of visible is 0, and makes the zeros
 // visible to wgmma. A masked key's row of V may hold anything (a generation cache slot never written, NaN in the
@@ -2096,7 +2095,7 @@ __device__ __forceinline__ void forward_block_wgmma(const ForwardParams& p, cons
     // Key tile kt into stage kt % 2 (Q too with tile 0), issued by one thread.
     auto load_key_tile = [&](int kt) {
         const int stage = kt % 2;
-        tma::expect_bytes(bar(stage), (kt == 0 ? 3 : 2) * tma::kRowsBytes);
+        tma::expect_bytes(bar(stage), (kt == 0 ? 3 : 2) * C::kTileBytes);
         if (kt == 0) tma::load_rows(s_q, maps.q, q0, h, seq, bar(stage));
         tma::load_rows(s_k(stage), maps.k, kt * BN, h, seq, bar(stage));
         tma::load_rows(s_v(stage), maps.v, kt * BN, h, seq, bar(stage));
@@ -2536,7 +2535,7 @@ __device__ __forceinline__ void backward_dkdv_block_wgmma(const BackwardParams& 
         auto load_query_tile = [&](int qt) {
             const int stage = qt % 2, i0 = q_begin + qt * BQ;
             if (threadIdx.x == 0) {
-                tma::expect_bytes(bar(stage), (qt == 0 ? 4 : 2) * tma::kRowsBytes);
+                tma::expect_bytes(bar(stage), (qt == 0 ? 4 : 2) * C::kTileBytes);
                 if (qt == 0) {
                     tma::load_rows(s_k, maps.k, k0, h, seq, bar(stage));
                     tma::load_rows(s_v, maps.v, k0, h, seq, bar(stage));
@@ -2608,7 +2607,7 @@ __device__ __forceinline__ void backward_dq_block_wgmma(const BackwardParams& p,
     // Key tile kt into stage kt % 2 (the block's Q and dO too with tile 0), issued by one thread.
     auto load_key_tile = [&](int kt) {
         const int stage = kt % 2;
-        tma::expect_bytes(bar(stage), (kt == 0 ? 4 : 2) * tma::kRowsBytes);
+        tma::expect_bytes(bar(stage), (kt == 0 ? 4 : 2) * C::kTileBytes);
         if (kt == 0) {
             tma::load_rows(s_q, maps.q, q0, h, seq, bar(stage));
             tma::load_rows(s_do, maps.dout, q0, h, seq, bar(stage));
