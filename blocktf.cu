@@ -4294,20 +4294,40 @@ __global__ void rope_append_kv_kernel(floatX* q, floatX* k_cache, floatX* v_cach
 // with key_mask[j] = 1 (key_mask: (nseq, capacity), or null: all visible); scores scaled by HS^-0.5, softmax in
 // fp32. q, out: (nseq, S_new, NH, HS) = (nseq, S_new, C) with the heads merged.
 // A query row (sequence, query, head) gets kWarpsPerRow warps of a kAttentionWarps-warp block (so a block serves
-// kAttentionWarps / kWarpsPerRow rows): 1, 2, 4 or 8, as attention_cached_warps_per_row picks. The row's warps take turns over chunks of 32 keys with
-// an online softmax each, and their partial results are merged at the end. Keys and values are read the same way,
-// coalesced: a pass covers kRowsPerPass cache rows, kLanesPerRow lanes a row, each lane one 16-byte part of it. For
-// the scores each lane holds the matching part of q in registers, the row's lanes sum their partial dot products by
-// shuffles, and lane j of the warp collects key j's score; for the weighted sum of values the row groups' partial
-// sums are added by shuffles at the end. A query that sees no key outputs 0, as the reference does.
+// kAttentionWarps / kWarpsPerRow rows): 1, 2, 4 or 8, as attention_cached_warps_per_row picks. The row's warps take
+// turns over chunks of 32 keys with an online softmax each, and their partial results are merged at the end. Keys and
+// values are read the same way, coalesced: a pass covers kRowsPerPass cache rows, kLanesPerRow lanes a row, each lane
+// one 16-byte part of it, and a lane issues the loads of all of a chunk's passes before it uses any (the chunk's
+// keys; then, after the softmax update, its values). A memory-bound kernel needs many bytes in flight: with one load
+// per lane at a time it stayed at 60% of the copy ceiling with few rows (dev/NOTES.md). The launch bounds leave the
+// registers for them at kAttentionCachedBlocksPerSM blocks per SM. For the scores each lane holds the matching part
+// of q in registers, the row's lanes sum their partial dot products by shuffles, and lane j of the warp collects key
+// j's score; for the weighted sum of values the row groups' partial sums are added by shuffles at the end. A query
+// that sees no key outputs 0, as the reference does.
 constexpr int kAttentionWarps = 8;
+constexpr int kAttentionCachedBlocksPerSM = 2;   // the launch bounds' minimum: registers for load_chunk_parts' loads
+
+// attention_cached_kernel's loads: this lane's 16-byte part of each of the kPasses cache rows it covers in a chunk of
+// 32 (rows: chunk + (pass * kRowsPerPass + row_in_pass) * HS), issued together; a row whose key is invisible (lane j's
+// key_visible: row j) is not read and its part is zero.
+template <int HS, int kPasses, int kRowsPerPass>
+__device__ inline void load_chunk_parts(FloatXPack (&parts)[kPasses], const floatX* chunk, bool key_visible, int row_in_pass,
+                                        int part) {
+#pragma unroll
+    for (int pass = 0; pass < kPasses; pass++) {
+        const int row = pass * kRowsPerPass + row_in_pass;
+        parts[pass] = FloatXPack{};
+        if (__shfl_sync(0xffffffff, key_visible, row)) parts[pass] = reinterpret_cast<const FloatXPack*>(chunk + (size_t)row * HS)[part];
+    }
+}
 
 template <int HS, int kWarpsPerRow>
-__global__ void __launch_bounds__(kAttentionWarps * 32)
+__global__ void __launch_bounds__(kAttentionWarps * 32, kAttentionCachedBlocksPerSM)
 attention_cached_kernel(floatX* out, const floatX* q, const floatX* k_cache, const floatX* v_cache, const int* key_mask,
                         const int* dyn_pos, int pos_offset, size_t rows, int S_new, int NH, int capacity, float scale) {
     constexpr int kLanesPerRow = HS / kPack;       // lanes that hold one cache row between them
     constexpr int kRowsPerPass = 32 / kLanesPerRow;
+    constexpr int kPasses = 32 / kRowsPerPass;     // passes over a chunk of 32 cache rows
     constexpr int kRowsPerBlock = kAttentionWarps / kWarpsPerRow;
     static_assert(HS % kPack == 0 && 32 % kLanesPerRow == 0, "a row must be whole 16-byte vectors, a warp whole rows");
     __shared__ float m_s[kAttentionWarps], l_s[kAttentionWarps], o_s[kAttentionWarps][HS];
@@ -4330,47 +4350,42 @@ attention_cached_kernel(floatX* out, const floatX* q, const floatX* k_cache, con
     const floatX* keys = k_cache + (seq * NH + h) * capacity * HS;
     const floatX* values = v_cache + (seq * NH + h) * capacity * HS;
     const int* mask = key_mask ? key_mask + seq * capacity : nullptr;
-    auto visible = [&](int j) { return j <= last && (mask == nullptr || mask[j] != 0); };
     float m = -INFINITY, l = 0.0f, o[kPack];   // o: dims part*kPack.. of this lane's rows' weighted sum
 #pragma unroll
     for (int e = 0; e < kPack; e++) o[e] = 0.0f;
     for (int base = rank * 32; base <= last; base += kWarpsPerRow * 32) {
+        // lane j: whether key base + j is visible (one mask read per lane and chunk); an invisible key is never read
+        const bool key_visible = base + lane <= last && (mask == nullptr || mask[base + lane] != 0);
+        if (!__any_sync(0xffffffff, key_visible)) continue;   // the same for every lane
+        // The chunk's keys: all kPasses parts this lane needs (rows base + pass * kRowsPerPass + row_in_pass) loaded
+        // before any is used, so they are in flight together; invisible rows stay zero.
+        FloatXPack parts[kPasses];
+        load_chunk_parts<HS, kPasses, kRowsPerPass>(parts, keys + (size_t)base * HS, key_visible, row_in_pass, part);
         float score = -INFINITY;   // lane j: key base + j
 #pragma unroll
-        for (int first = 0; first < 32; first += kRowsPerPass) {
-            if (base + first > last) break;   // the same for every lane
-            const int j = base + first + row_in_pass;
+        for (int pass = 0; pass < kPasses; pass++) {
             float dot = 0.0f;
-            if (visible(j)) {   // an invisible key is never read
-                const FloatXPack packed = reinterpret_cast<const FloatXPack*>(keys + (size_t)j * HS)[part];
 #pragma unroll
-                for (int e = 0; e < kPack; e++) dot += q_part[e] * to_f32(packed.x[e]);
-            }
+            for (int e = 0; e < kPack; e++) dot += q_part[e] * to_f32(parts[pass].x[e]);
 #pragma unroll
             for (int offset = 1; offset < kLanesPerRow; offset *= 2) dot += __shfl_xor_sync(0xffffffff, dot, offset);
             const float key_score = __shfl_sync(0xffffffff, dot, (lane % kRowsPerPass) * kLanesPerRow);
-            if (lane / kRowsPerPass == first / kRowsPerPass) score = key_score;
+            if (lane / kRowsPerPass == pass) score = key_score;
         }
-        if (!visible(base + lane)) score = -INFINITY;
-        const float chunk_max = warp_max(score);
-        if (chunk_max == -INFINITY) continue;   // no visible key in this chunk: the same for every lane
-        const float m_new = fmaxf(m, chunk_max);
-        const float correction = expf(m - m_new);   // 0 while m is still -inf
-        const float p = expf(score - m_new);        // 0 for an invisible key (score -inf)
+        if (!key_visible) score = -INFINITY;
+        const float m_new = fmaxf(m, warp_max(score));   // finite: some key of the chunk is visible
+        const float correction = expf(m - m_new);        // 0 while m is still -inf
+        const float p = expf(score - m_new);             // 0 for an invisible key (score -inf)
         l = l * correction + warp_sum(p);
 #pragma unroll
         for (int e = 0; e < kPack; e++) o[e] *= correction;
-        // kRowsPerPass rows per pass, unrolled so several loads are in flight; an invisible key (p = 0) is never read.
+        // The chunk's values, loaded the same way into the same registers.
+        load_chunk_parts<HS, kPasses, kRowsPerPass>(parts, values + (size_t)base * HS, key_visible, row_in_pass, part);
 #pragma unroll
-        for (int first = 0; first < 32; first += kRowsPerPass) {
-            if (base + first > last) break;
-            const int jj = first + row_in_pass;
-            const float pj = __shfl_sync(0xffffffff, p, jj);
-            if (pj != 0.0f) {
-                const FloatXPack packed = reinterpret_cast<const FloatXPack*>(values + (size_t)(base + jj) * HS)[part];
+        for (int pass = 0; pass < kPasses; pass++) {
+            const float pj = __shfl_sync(0xffffffff, p, pass * kRowsPerPass + row_in_pass);
 #pragma unroll
-                for (int e = 0; e < kPack; e++) o[e] += pj * to_f32(packed.x[e]);
-            }
+            for (int e = 0; e < kPack; e++) o[e] += pj * to_f32(parts[pass].x[e]);
         }
         m = m_new;
     }
@@ -4423,10 +4438,10 @@ inline void attention_cached_launch(floatX* out, const floatX* q, const floatX* 
 }
 
 // Warps per query row: 1 for a cache of at most kShortCache positions (the token decoder's few keys, where more warps
-// would only wait). For a longer cache, fewer warps a row do less merging and more warps more parallel reading; on
-// the H200 at 24,576 and 32,768 rows with 256-288 cached blocks (b4_85 and b4_300, batch 2048), 2 warps a row made
-// the whole generation 5% faster than 8 and about 2% faster than 4 (dev/NOTES.md). So: the fewest of 2 and 4 that
-// still give every SM two full loads of warps (64 each), else kAttentionWarps.
+// would only wait). For a longer cache, fewer warps a row merge less and more warps a row read more in parallel. On
+// the H200 (dev/attention's decode benchmark, dev/NOTES.md) the best was the fewest of 1, 2, 4 and 8 that make about
+// two waves of resident warps (kAttentionCachedBlocksPerSM blocks of kAttentionWarps on every SM): 1 from 6,144 rows
+// (the block decoders from batch 512), 4 at 1,024 and 1,536 rows and 2 at 3,072 (vanilla decoding at batch 64-256).
 constexpr int kShortCache = 64;
 inline int attention_cached_warps_per_row(size_t rows, int capacity) {
     if (capacity <= kShortCache) return 1;
@@ -4436,9 +4451,9 @@ inline int attention_cached_warps_per_row(size_t rows, int capacity) {
         cudaCheck(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
         return count;
     }();
-    const size_t two_loads = (size_t)2 * 64 * sms;
-    for (int warps : {2, 4})
-        if (rows * warps >= two_loads) return warps;
+    const double resident_warps = (double)kAttentionCachedBlocksPerSM * kAttentionWarps * sms;
+    for (int warps : {1, 2, 4})
+        if ((double)rows * warps >= 1.75 * resident_warps) return warps;
     return kAttentionWarps;
 }
 

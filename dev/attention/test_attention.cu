@@ -15,11 +15,13 @@
 //      flash_attention_cached_prefill (also against attention_cached, and rerun bitwise); p0 = 0 and p0 > 0,
 //      left-padded prompts, cache slots past the new positions and masked slots filled with NaN (never to be read).
 //   5. A benchmark (BF16 build) at the paper's shapes, each path against the matmul path (CUDA events, warm-up,
-//      median): one markdown table; then flash_attention_cached_prefill against attention_cached.
+//      median): one markdown table; then flash_attention_cached_prefill against attention_cached; then
+//      attention_cached at decode shapes (S_new = 1, GB/s), with each warps-per-row choice forced beside its own.
 // Build, from the repository root (dev/attention/run.sh builds both precisions and runs them):
 //   nvcc -std=c++17 -O2 -gencode arch=compute_90a,code=sm_90a -DBLOCKTF_SM90A -I. -DBLOCKTF_PRECISION_BF16
 //        dev/attention/test_attention.cu -o build/test_attention -lcublas -lcublasLt   (or -DBLOCKTF_PRECISION_FP32)
-// Run: build/test_attention [--quick] [--no-bench]. --quick: a few small shapes, no benchmark (for compute-sanitizer).
+// Run: build/test_attention [--quick] [--no-bench] [--decode-bench]. --quick: a few small shapes, no benchmark (for
+// compute-sanitizer); --decode-bench: only the decode-shape benchmark, no checks.
 // Exit status: 0 when every check passed, 1 otherwise.
 #include <algorithm>
 #include <cstdio>
@@ -745,19 +747,77 @@ void benchmark_cached(const char* device_name) {
     }
 }
 
+// Generation's decode steps: attention_cached with one new query per sequence over a long cache (S_new = 1, the
+// query at the newest position p0), at the batch sizes and average cache lengths of issue 8's generation settings.
+// Memory-bound: GB/s over the bytes it must read and write (the visible cached keys and values, q and out), against
+// the H200's 4.25 TB/s device-copy ceiling (issue 8).
+void benchmark_decode(const char* device_name) {
+    struct DecodeCase {
+        const char* name;
+        CachedShape shape;
+    };
+    const DecodeCase cases[] = {
+        {"vanilla_410 P128/D2048 batch 64, mean cache", {64, 1, 16, 64, 2176, 1151, true}},
+        {"vanilla_160 P128/D2048 batch 128, mean cache", {128, 1, 12, 64, 2176, 1151, true}},
+        {"vanilla_160 P2048/D128 batch 256, mean cache", {256, 1, 12, 64, 2176, 2111, true}},
+        {"block_main_b4_85 block decoder P128/D2048 batch 512", {512, 1, 12, 64, 544, 287, true}},
+        {"block_main_b4_85 block decoder P128/D2048 batch 4096", {4096, 1, 12, 64, 544, 287, true}},
+        {"block_main_b4_85 block decoder P2048/D128 batch 2048", {2048, 1, 12, 64, 544, 527, true}},
+        {"block_main_b4_300 block decoder P128/D2048 batch 4096", {4096, 1, 16, 64, 544, 287, true}},
+        {"block_main_b4_1.2b block decoder P128/D2048 batch 512", {512, 1, 16, 128, 544, 287, true}},
+    };
+    constexpr double kCopyCeilingGBs = 4250.0;
+    std::printf("\nBenchmark (decode attention, %s build, %s): attention_cached, S_new = 1, every cached position "
+                "visible through the key mask; median of 20 calls after 3 warm-up calls, with the warps per query row "
+                "that attention_cached_warps_per_row picks (auto) and with each choice forced\n\n", kPrecisionName, device_name);
+    std::printf("| shape | auto: warps | ms | GB/s | %% of 4.25 TB/s | ms, 1 warp | 2 warps | 4 warps | 8 warps |\n"
+                "| --- | --- | --- | --- | --- | --- | --- | --- | --- |\n");
+    cudaStream_t stream = 0;
+    for (const DecodeCase& c : cases) {
+        const CachedShape& s = c.shape;
+        DeviceBuffer<floatX> q = random_device_tensor(s.q_elements(), 21);
+        DeviceBuffer<floatX> k_cache = random_device_tensor(s.cache_elements(), 22);
+        DeviceBuffer<floatX> v_cache = random_device_tensor(s.cache_elements(), 23);
+        DeviceBuffer<floatX> out(s.q_elements());
+        std::vector<int> mask((size_t)s.nseq * s.capacity, 1);
+        DeviceBuffer<int> key_mask(mask.size());
+        key_mask.upload(mask.data(), mask.size());
+        auto time_warps = [&](int warps_per_row) {   // 0: attention_cached's own choice
+            const double ms = median_ms([&] {
+                attention_cached(out.data(), q.data(), k_cache.data(), v_cache.data(), key_mask.data(), nullptr, s.p0, s.nseq,
+                                 s.S_new, s.NH, s.HS, s.capacity, stream, warps_per_row);
+            }, stream);
+            cudaCheck(cudaGetLastError());
+            return ms;
+        };
+        const double ms = time_warps(0);
+        const int chosen = attention_cached_warps_per_row((size_t)s.nseq * s.S_new * s.NH, s.capacity);
+        const double visible = s.p0 + 1;   // cached positions 0..p0
+        const double bytes = ((double)s.nseq * s.NH * s.HS * (2 * visible + 2)) * sizeof(floatX) + (double)s.nseq * visible * sizeof(int);
+        const double gbs = bytes / (ms * 1e6);
+        std::printf("| %s: %s | %d | %.3f | %.0f | %.0f%% |", c.name, s.str().c_str(), chosen, ms, gbs, 100.0 * gbs / kCopyCeilingGBs);
+        for (int warps : {1, 2, 4, kAttentionWarps}) std::printf(" %.3f |", time_warps(warps));
+        std::printf("\n");
+        std::fflush(stdout);
+    }
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
     bool quick = false, bench = kFlashAttentionBuild;   // the benchmark times flash attention: BF16 build only
+    bool decode_bench_only = false;
     for (int a = 1; a < argc; a++) {
         const std::string arg = argv[a];
         if (arg == "--quick") { quick = true; bench = false; }
         else if (arg == "--no-bench") bench = false;
+        else if (arg == "--decode-bench") decode_bench_only = true;
         else {
             const bool help = arg == "--help";
-            std::fprintf(help ? stdout : stderr, "usage: %s [--quick] [--no-bench]\n"
-                         "  --quick     a few small shapes, no benchmark (for compute-sanitizer)\n"
-                         "  --no-bench  every check, no benchmark (the FP32 build never runs it)\n", argv[0]);
+            std::fprintf(help ? stdout : stderr, "usage: %s [--quick] [--no-bench] [--decode-bench]\n"
+                         "  --quick         a few small shapes, no benchmark (for compute-sanitizer)\n"
+                         "  --no-bench      every check, no benchmark (the FP32 build never runs it)\n"
+                         "  --decode-bench  only the decode-attention benchmark, no checks\n", argv[0]);
             return help ? 0 : 2;
         }
     }
@@ -769,6 +829,10 @@ int main(int argc, char** argv) {
         }
         cudaDeviceProp prop;
         cudaCheck(cudaGetDeviceProperties(&prop, 0));
+        if (decode_bench_only) {
+            benchmark_decode(prop.name);
+            return 0;
+        }
         std::printf("test_attention: %s build on %s; tolerance %.0e on ||gpu - ref|| / ||ref|| per output (one path vs "
                     "another: %.0e)%s\n", kPrecisionName, prop.name, kTolerance, kCrossTolerance, quick ? "; quick set" : "");
         std::printf("Paths: small (S <= 16), %s, matmul. Each line: path, shape, relative error of out (lse) dq dk dv "
@@ -789,6 +853,7 @@ int main(int argc, char** argv) {
             guarded("benchmark", [&] {
                 benchmark(gpu, prop.name);
                 benchmark_cached(prop.name);
+                benchmark_decode(prop.name);
             });
         }
     } catch (const std::exception& e) {
