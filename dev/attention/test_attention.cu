@@ -702,15 +702,32 @@ void benchmark(Gpu& gpu, const char* device_name) {
     }
 }
 
+struct NamedCachedShape {   // a benchmark case: what it stands for, and its shape
+    const char* name;
+    CachedShape shape;
+};
+
+// The device buffers of a timed cached-attention call: q, k_cache and v_cache random (seeds seed, seed + 1, seed + 2),
+// out, and a key mask in which sequence seq masks its first masked_prefix(seq) cache positions.
+struct CachedBenchInputs {
+    DeviceBuffer<floatX> q, k_cache, v_cache, out;
+    DeviceBuffer<int> key_mask;
+    CachedBenchInputs(const CachedShape& s, uint64_t seed, const std::function<int(int)>& masked_prefix)
+        : q(random_device_tensor(s.q_elements(), seed)), k_cache(random_device_tensor(s.cache_elements(), seed + 1)),
+          v_cache(random_device_tensor(s.cache_elements(), seed + 2)), out(s.q_elements()),
+          key_mask((size_t)s.nseq * s.capacity) {
+        std::vector<int> mask((size_t)s.nseq * s.capacity, 1);
+        for (int seq = 0; seq < s.nseq; seq++)
+            for (int j = 0; j < masked_prefix(seq); j++) mask[(size_t)seq * s.capacity + j] = 0;
+        key_mask.upload(mask.data(), mask.size());
+    }
+};
+
 // Generation's prefill: flash_attention_cached_prefill vs attention_cached, at p0 = 0 with left-padded prompts
 // (sequence s masks its first (37 s) % 128 positions). FLOPs: 4·HS per visible-by-causality (query, position) pair,
 // S_new(S_new+1)/2 + p0·S_new pairs per (sequence, head).
 void benchmark_cached(const char* device_name) {
-    struct CachedCase {
-        const char* name;
-        CachedShape shape;
-    };
-    const CachedCase cases[] = {
+    const NamedCachedShape cases[] = {
         {"vanilla generation prefill, P 2048", {256, 2048, 12, 64, 2176, 0, true}},
         {"block decoder generation prefill, 512 blocks", {2048, 512, 12, 64, 544, 0, true}},
     };
@@ -719,24 +736,16 @@ void benchmark_cached(const char* device_name) {
     std::printf("| shape | flash ms | attention_cached ms | speedup | flash TFLOP/s | attention_cached TFLOP/s |\n");
     std::printf("| --- | --- | --- | --- | --- | --- |\n");
     cudaStream_t stream = 0;
-    for (const CachedCase& c : cases) {
+    for (const NamedCachedShape& c : cases) {
         const CachedShape& s = c.shape;
-        DeviceBuffer<floatX> q = random_device_tensor(s.q_elements(), 11);
-        DeviceBuffer<floatX> k_cache = random_device_tensor(s.cache_elements(), 12);
-        DeviceBuffer<floatX> v_cache = random_device_tensor(s.cache_elements(), 13);
-        DeviceBuffer<floatX> out(s.q_elements());
-        std::vector<int> mask((size_t)s.nseq * s.capacity, 1);
-        for (int seq = 0; seq < s.nseq; seq++)
-            for (int j = 0; j < (37 * seq) % 128; j++) mask[(size_t)seq * s.capacity + j] = 0;
-        DeviceBuffer<int> key_mask(mask.size());
-        key_mask.upload(mask.data(), mask.size());
+        CachedBenchInputs in(s, 11, [](int seq) { return (37 * seq) % 128; });
         const double flash_ms = median_ms([&] {
-            flash_attention_cached_prefill(out.data(), q.data(), k_cache.data(), v_cache.data(), key_mask.data(), s.p0, s.nseq,
-                                           s.S_new, s.NH, s.HS, s.capacity, stream);
+            flash_attention_cached_prefill(in.out.data(), in.q.data(), in.k_cache.data(), in.v_cache.data(), in.key_mask.data(),
+                                           s.p0, s.nseq, s.S_new, s.NH, s.HS, s.capacity, stream);
         }, stream, 2, 10);
         const double cached_ms = median_ms([&] {
-            attention_cached(out.data(), q.data(), k_cache.data(), v_cache.data(), key_mask.data(), nullptr, s.p0, s.nseq,
-                             s.S_new, s.NH, s.HS, s.capacity, stream);
+            attention_cached(in.out.data(), in.q.data(), in.k_cache.data(), in.v_cache.data(), in.key_mask.data(), nullptr, s.p0,
+                             s.nseq, s.S_new, s.NH, s.HS, s.capacity, stream);
         }, stream, 1, 3);
         cudaCheck(cudaGetLastError());
         const double pairs = (double)s.S_new * (s.S_new + 1) / 2.0 + (double)s.p0 * s.S_new;   // per (sequence, head)
@@ -752,11 +761,7 @@ void benchmark_cached(const char* device_name) {
 // Memory-bound: GB/s over the bytes it must read and write (the visible cached keys and values, q and out), against
 // the H200's 4.25 TB/s device-copy ceiling (issue 8).
 void benchmark_decode(const char* device_name) {
-    struct DecodeCase {
-        const char* name;
-        CachedShape shape;
-    };
-    const DecodeCase cases[] = {
+    const NamedCachedShape cases[] = {
         {"vanilla_410 P128/D2048 batch 64, mean cache", {64, 1, 16, 64, 2176, 1151, true}},
         {"vanilla_160 P128/D2048 batch 128, mean cache", {128, 1, 12, 64, 2176, 1151, true}},
         {"vanilla_160 P2048/D128 batch 256, mean cache", {256, 1, 12, 64, 2176, 2111, true}},
@@ -773,19 +778,13 @@ void benchmark_decode(const char* device_name) {
     std::printf("| shape | auto: warps | ms | GB/s | %% of 4.25 TB/s | ms, 1 warp | 2 warps | 4 warps | 8 warps |\n"
                 "| --- | --- | --- | --- | --- | --- | --- | --- | --- |\n");
     cudaStream_t stream = 0;
-    for (const DecodeCase& c : cases) {
+    for (const NamedCachedShape& c : cases) {
         const CachedShape& s = c.shape;
-        DeviceBuffer<floatX> q = random_device_tensor(s.q_elements(), 21);
-        DeviceBuffer<floatX> k_cache = random_device_tensor(s.cache_elements(), 22);
-        DeviceBuffer<floatX> v_cache = random_device_tensor(s.cache_elements(), 23);
-        DeviceBuffer<floatX> out(s.q_elements());
-        std::vector<int> mask((size_t)s.nseq * s.capacity, 1);
-        DeviceBuffer<int> key_mask(mask.size());
-        key_mask.upload(mask.data(), mask.size());
+        CachedBenchInputs in(s, 21, [](int) { return 0; });
         auto time_warps = [&](int warps_per_row) {   // 0: attention_cached's own choice
             const double ms = median_ms([&] {
-                attention_cached(out.data(), q.data(), k_cache.data(), v_cache.data(), key_mask.data(), nullptr, s.p0, s.nseq,
-                                 s.S_new, s.NH, s.HS, s.capacity, stream, warps_per_row);
+                attention_cached(in.out.data(), in.q.data(), in.k_cache.data(), in.v_cache.data(), in.key_mask.data(), nullptr,
+                                 s.p0, s.nseq, s.S_new, s.NH, s.HS, s.capacity, stream, warps_per_row);
             }, stream);
             cudaCheck(cudaGetLastError());
             return ms;
