@@ -5000,15 +5000,6 @@ struct GenerationOptions {
     bool cuda_graph = true;     // replay the captured decode step (false: launch every kernel each step, for tests)
 };
 
-// A stream of its own: graph capture needs one (the legacy default stream cannot be captured).
-struct OwnedStream {
-    cudaStream_t stream = nullptr;
-    OwnedStream() { cudaCheck(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking)); }
-    OwnedStream(const OwnedStream&) = delete;
-    OwnedStream& operator=(const OwnedStream&) = delete;
-    ~OwnedStream() { if (stream) cudaStreamDestroy(stream); }
-};
-
 // One batch of prompts through cached generation. The constructor checks the prompts against the model and
 // allocates everything (caches, scratch, pinned output); run() does the prefill and the decode steps, and may be
 // called again (benchmarks: the same prompts, the captured graph reused).
@@ -5053,9 +5044,6 @@ public:
             steps_ = max_new_ - 1;   // the prefill chooses the first token
             columns_ = max_new_;
         }
-        stream_ = std::make_unique<OwnedStream>();
-        gpu_.stream = stream_->stream;
-        cublasCheck(cublasSetStream(gpu_.blas, gpu_.stream));
 
         // prompts, left-padded with id 0; the main stack's key mask and (vanilla) rotary shift
         std::vector<int> ids((size_t)B_ * Tp_, kEosId), last_rows(B_);
@@ -5182,8 +5170,7 @@ private:
     int longest_ = 0;   // validated first, before any member allocates
     int B_ = 0, max_new_ = 0, Tp_ = 0, n0_ = 0, steps_ = 0, columns_ = 0;
     std::vector<int> pad_;
-    std::unique_ptr<OwnedStream> stream_;   // declared before gpu_: destroyed after it
-    Gpu gpu_;
+    Gpu gpu_;                               // its stream (capturable) runs the generation and the decode graph
     std::unique_ptr<KvStack> main_;         // block decoder, or the vanilla stack
     std::unique_ptr<KvStack> token_;        // block models: the token decoder, its cache rewritten every block
     DeviceBuffer<int> prompt_ids_;          // (B, Tp) left-padded prompts
