@@ -3344,7 +3344,8 @@ struct GpuLayerActivations {
 };
 
 // A fixed sequence of GPU work, captured into a CUDA graph and replayed: one graph launch instead of a stack's ~100
-// (forward) or ~300 (backward) kernel launches, whose queueing gaps cost ~1-3% of a training step. A replay does
+// (forward) or ~300 (backward) kernel launches, whose queueing gaps cost ~1-3% of a training step, or of a
+// generation's decode step (Generation). A replay does
 // what the captured calls did, with the same kernel arguments, so a graph is only valid while nothing they depend
 // on changes: the caller's key (the pointers it passes in) and the Gpu's scratch buffers (scratch_generation). The
 // first call with a new key or scratch runs as ordinary launches (the scratch grows then, and lazy setup such as
@@ -5069,7 +5070,7 @@ public:
         counters_ = DeviceBuffer<int>(2);
         current_ = DeviceBuffer<int>(B_);
         history_ = DeviceBuffer<int>((size_t)B_ * columns_);
-        host_tokens_ = std::make_unique<PinnedBuffer<int>>((size_t)B_ * columns_);
+        host_tokens_ = PinnedBuffer<int>((size_t)B_ * columns_);
         logits_ = DeviceBuffer<floatX>((size_t)B_ * cfg_.V);
         if (options.keep_logits) kept_ = DeviceBuffer<float>((size_t)B_ * columns_ * cfg_.V);
 
@@ -5098,8 +5099,6 @@ public:
     }
 
     ~Generation() {
-        if (graph_exec_) cudaGraphExecDestroy(graph_exec_);
-        if (graph_) cudaGraphDestroy(graph_);
         for (cudaEvent_t e : events_) if (e) cudaEventDestroy(e);
         if (prefill_done_) cudaEventDestroy(prefill_done_);
     }
@@ -5124,8 +5123,8 @@ public:
         cudaCheck(cudaEventRecord(prefill_done_, gpu_.stream));
         if (!cfg_.is_block) enqueue_copy(0, 1, on_tokens);
         for (int step = 0; step < steps_ && !all_done(); step++) {
-            if (step == 0 || !options_.cuda_graph) decode_step();   // the first step also creates the cuBLASLt plans
-            else launch_graph();
+            if (options_.cuda_graph) decode_work_.run(gpu_, {}, [&] { decode_step(); });   // eager once, then a graph
+            else decode_step();
             const int first = cfg_.is_block ? step * cfg_.LB : step + 1;
             enqueue_copy(first, cfg_.is_block ? cfg_.LB : 1, on_tokens);
             poll(on_tokens, false);
@@ -5136,7 +5135,7 @@ public:
     void run() { run([](int) {}); }
 
     // Row b's generated ids, valid for the first `ready` (of run's callback; all after run) entries.
-    const int* tokens(int row) const { return host_tokens_->data() + (size_t)row * columns_; }
+    const int* tokens(int row) const { return host_tokens_.data() + (size_t)row * columns_; }
     int ready() const { return ready_; }
     // Row b's completion: its first max_new_tokens ids, cut before the first <|endoftext|> when stop_at_eos.
     std::vector<int> completion(int row) const {
@@ -5189,9 +5188,8 @@ private:
     DeviceBuffer<floatX> hidden_;           // (B, HT) LM-head input gathered from a prefill output
     DeviceBuffer<floatX> logits_;           // (B, V)
     DeviceBuffer<float> kept_;              // keep_logits: (B, columns, V)
-    std::unique_ptr<PinnedBuffer<int>> host_tokens_;   // (B, columns) the ids, copied after each step
-    cudaGraph_t graph_ = nullptr;
-    cudaGraphExec_t graph_exec_ = nullptr;
+    PinnedBuffer<int> host_tokens_;         // (B, columns) the ids, copied after each step
+    ReplayedWork decode_work_;              // decode_step(): run once as launches (cuBLASLt plans made), then replayed
     cudaEvent_t events_[kInFlight] = {};
     cudaEvent_t prefill_done_ = nullptr;
     int pending_ready_[kInFlight] = {};     // ids available once events_[slot] has completed
@@ -5279,30 +5277,12 @@ private:
         cudaCheckLaunch();
     }
 
-    // The decode step as a CUDA graph: captured on first use, replayed after.
-    void launch_graph() {
-        if (!graph_exec_) {
-            cudaCheck(cudaStreamBeginCapture(gpu_.stream, cudaStreamCaptureModeThreadLocal));
-            try {
-                decode_step();
-            } catch (...) {
-                cudaGraph_t broken = nullptr;
-                cudaStreamEndCapture(gpu_.stream, &broken);
-                if (broken) cudaGraphDestroy(broken);
-                throw;
-            }
-            cudaCheck(cudaStreamEndCapture(gpu_.stream, &graph_));
-            cudaCheck(cudaGraphInstantiate(&graph_exec_, graph_, 0));
-        }
-        cudaCheck(cudaGraphLaunch(graph_exec_, gpu_.stream));
-    }
-
     // Copies output columns [first, first+count) to pinned memory and records when they are there.
     template <typename OnTokens>
     void enqueue_copy(int first, int count, OnTokens& on_tokens) {
         if (pending_tail_ - pending_head_ == kInFlight) poll_one(on_tokens, true);
         const size_t pitch = (size_t)columns_ * sizeof(int);
-        cudaCheck(cudaMemcpy2DAsync(host_tokens_->data() + first, pitch, history_.data() + first, pitch, count * sizeof(int), B_,
+        cudaCheck(cudaMemcpy2DAsync(host_tokens_.data() + first, pitch, history_.data() + first, pitch, count * sizeof(int), B_,
                                     cudaMemcpyDeviceToHost, gpu_.stream));
         const int slot = pending_tail_ % kInFlight;
         cudaCheck(cudaEventRecord(events_[slot], gpu_.stream));
